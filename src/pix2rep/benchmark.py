@@ -1,0 +1,298 @@
+"""The label-efficiency study: Dice versus number of annotated patients, per method.
+
+Grid: methods x N annotated patients (stratified, nested) x seeds. Each finished cell
+(method, N, seed) is stored atomically as ``cells/<method>-N<n>-s<seed>.json`` and never
+recomputed on ``--resume``. Every method gets the same downstream budget (steps, batch size,
+stopping rule); only learning rates differ, as METHOD section 5 prescribes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .config import RunConfig
+from .data.dataset import PreparedPatient
+from .data.sampling import sample_few_shot_patients
+from .errors import Pix2RepError
+from .training.common import atomic_write_bytes
+
+# method name -> downstream mode; methods marked True start from the Pix2Rep backbone
+METHODS: dict[str, tuple[str, bool]] = {
+    "baseline": ("scratch", False),
+    "pix2rep-lp": ("probe", True),
+    "pix2rep-ft": ("finetune", True),
+    "random-lp": ("random-probe", False),
+}
+METHOD_LABELS = {
+    "baseline": "supervised baseline (from scratch)",
+    "pix2rep-lp": "Pix2Rep linear probe",
+    "pix2rep-ft": "Pix2Rep fine-tuning",
+    "random-lp": "linear probe on a random backbone (floor)",
+}
+CLASSES = ("RV", "MYO", "LV")
+
+
+def cell_name(method: str, n: int, seed: int) -> str:
+    return f"{method}-N{n}-s{seed}"
+
+
+def run_cell(
+    cfg: RunConfig,
+    method: str,
+    n: int,
+    seed: int,
+    pool: Sequence[PreparedPatient],
+    evaluation: Sequence[PreparedPatient],
+    backbone_state: Optional[dict],
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train one method on N sampled patients and evaluate it: the cell's JSON payload."""
+    from .evaluation.evaluate import evaluate_patients
+    from .training.common import resolve_device
+    from .training.downstream import train_segmentation
+
+    mode, pretrained = METHODS[method]
+    cell_cfg = RunConfig.from_dict(cfg.to_dict())
+    cell_cfg.downstream.mode = mode
+    cell_cfg.downstream.seed = seed
+    chosen = sample_few_shot_patients(pool, n, seed)
+    cell_cfg.patients = [p.id for p in chosen]
+    t0 = time.time()
+    model, summary = train_segmentation(
+        cell_cfg, chosen, None, backbone_state=backbone_state if pretrained else None, progress=progress, log=log
+    )
+    t_train = time.time() - t0
+    device = resolve_device(cfg.device)
+    rows, clinical_rows, _ = evaluate_patients(model, evaluation, device, cfg.bf16)
+    return {
+        "method": method,
+        "n": n,
+        "seed": seed,
+        "patients": cell_cfg.patients,
+        "train_seconds": t_train,
+        "eval_seconds": time.time() - t0 - t_train,
+        "steps": summary["steps"],
+        "rows": rows,
+        "clinical": clinical_rows,
+    }
+
+
+def load_cells(cells_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def per_patient_dice(cell: dict) -> dict[str, float]:
+    """Mean Dice over phases and the 3 classes, per evaluation patient."""
+    by_patient: dict[str, list[float]] = {}
+    for r in cell["rows"]:
+        by_patient.setdefault(r["patient"], []).append(float(r["dice_mean"]))
+    return {p: float(np.mean(v)) for p, v in by_patient.items()}
+
+
+def cell_mean(cell: dict, key: str = "dice_mean") -> float:
+    """Mean over evaluation volumes (patients x phases) of one metric."""
+    return float(np.nanmean([float(r[key]) for r in cell["rows"]]))
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of ``values``."""
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def summarise_grid(cells: list[dict]) -> dict:
+    """table[method][n] = {"dice": (mean, std, seeds), per class ..., "diff": (mean, lo, hi)}."""
+    table: dict = {}
+    index = {(c["method"], c["n"], c["seed"]): c for c in cells}
+    for (method, n, seed), c in index.items():
+        table.setdefault(method, {}).setdefault(n, {"cells": []})["cells"].append(c)
+    for method, by_n in table.items():
+        for n, entry in by_n.items():
+            cs = entry["cells"]
+            for key in ["dice_mean"] + [f"dice_{k}" for k in CLASSES]:
+                vals = np.array([cell_mean(c, key) for c in cs])
+                entry[key] = (float(vals.mean()), float(vals.std(ddof=0)), len(vals))
+            if method != "baseline":
+                # paired difference against the baseline on the same N, seed and patients
+                diffs = []
+                for c in cs:
+                    base = index.get(("baseline", n, c["seed"]))
+                    if base is None:
+                        continue
+                    a, b = per_patient_dice(c), per_patient_dice(base)
+                    diffs.append([a[p] - b[p] for p in sorted(a) if p in b])
+                if diffs:
+                    per_patient = np.mean(np.array(diffs), axis=0)  # averaged over seeds
+                    entry["diff"] = (float(per_patient.mean()), *bootstrap_ci(per_patient))
+    return table
+
+
+def efficiency_factor(table: dict, method: str, n: int, pool_size: int) -> str:
+    """How many annotated patients the baseline needs to match ``method`` at ``n``.
+
+    Interpolates the baseline's mean Dice linearly on a log N axis; returns e.g. "3.4x
+    (baseline needs 6.8 patients)" or "more than 80/N" when the baseline never matches it.
+    """
+    if method not in table or n not in table[method] or "baseline" not in table:
+        return "n/a"
+    target = table[method][n]["dice_mean"][0]
+    ns = sorted(table["baseline"])
+    ys = [table["baseline"][k]["dice_mean"][0] for k in ns]
+    for (n0, y0), (n1, y1) in zip([(None, None)] + list(zip(ns, ys)), zip(ns, ys)):
+        if y1 >= target:
+            if n0 is None or y1 == y0:
+                needed = float(n1)
+            else:
+                t = (target - y0) / (y1 - y0)
+                needed = float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
+            return f"{needed / n:.1f}x (baseline needs {needed:.1f} patients)"
+    return f"more than {max(ns) // n}x (baseline never matches it up to N = {max(ns)})"
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _fmt(mean_std) -> str:
+    m, s, k = mean_std
+    return f"{m:.3f} ± {s:.3f}" if k > 1 else f"{m:.3f}"
+
+
+def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = False) -> dict:
+    """Write runs.csv, REPORT.md and dice_vs_n.png from the finished cells."""
+    from .evaluation.report import write_csv
+
+    rows = []
+    for c in cells:
+        for r in c["rows"]:
+            for k in CLASSES:
+                rows.append({"method": c["method"], "N": c["n"], "seed": c["seed"], "patient": r["patient"],
+                             "phase": r["phase"], "class": k, "dice": r[f"dice_{k}"], "hd95": r[f"hd95_{k}"]})
+    write_csv(out / "runs.csv", rows)
+    table = summarise_grid(cells)
+    methods = [m for m in METHODS if m in table] + sorted(m for m in table if m not in METHODS)
+    ns = sorted({c["n"] for c in cells})
+    prefix = "SYNTHETIC DATA: " if synthetic else ""
+    lines = [f"# {prefix}Label-efficiency study", ""]
+    if synthetic:
+        lines += ["**These numbers come from pix2rep's synthetic images, not from real MRI. They say nothing about "
+                  "performance on real data.**", ""]
+    lines += [f"Data: `{meta.get('data')}`; evaluation: {meta.get('evaluation')}; protocol `{meta.get('protocol')}`; "
+              f"preset `{meta.get('preset')}`.", "",
+              "Dice: 3D, per volume at native resolution, mean over the 3 classes (RV, MYO, LV), then over "
+              "evaluation volumes (patients x ED/ES); mean ± std across seeds.", ""]
+    lines += ["## Mean Dice versus number of annotated patients", "",
+              "| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for m in methods:
+        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(_fmt(table[m][n]["dice_mean"]) if n in table[m] else "" for n in ns) + " |")
+    lines += ["", "## Per class", "", "| method | N | RV | MYO | LV |", "|---|---|---|---|---|"]
+    for m in methods:
+        for n in ns:
+            if n in table[m]:
+                e = table[m][n]
+                lines.append(f"| {m} | {n} | " + " | ".join(_fmt(e[f'dice_{k}']) for k in CLASSES) + " |")
+    lines += ["", "## Paired difference against the baseline", "",
+              "Per evaluation patient, Dice of the method minus Dice of the baseline trained on the same patients "
+              "(same N and seed), averaged over seeds; 95 % bootstrap interval over patients.", "",
+              "| method | N | difference (Dice points) | 95 % CI |", "|---|---|---|---|"]
+    for m in methods:
+        for n in ns:
+            d = table[m].get(n, {}).get("diff")
+            if d:
+                lines.append(f"| {m} | {n} | {d[0]:+.3f} | [{d[1]:+.3f}, {d[2]:+.3f}] |")
+    headline = {}
+    if "baseline" in table and 1 in table["baseline"]:
+        lines += ["", "## Headline figures (the paper's claims, measured)", ""]
+        base1 = table["baseline"][1]["dice_mean"][0]
+        for m in ("pix2rep-lp", "pix2rep-ft"):
+            if m in table and 1 in table[m]:
+                v = table[m][1]["dice_mean"][0]
+                rel = 100 * (v - base1) / base1 if base1 > 0 else float("inf")
+                headline[m] = {"points": v - base1, "relative_percent": rel}
+                lines.append(f"- One-shot (N = 1), {METHOD_LABELS[m]}: {v:.3f} vs baseline {base1:.3f}: "
+                             f"{v - base1:+.3f} Dice points, {rel:+.1f} % relative (paper: +30 % LP, +31 % FT).")
+        pool = meta.get("pool_size", 80)
+        for m in ("pix2rep-lp", "pix2rep-ft"):
+            for n in (1, 2, 5):
+                if m in table and n in table[m]:
+                    lines.append(f"- Annotation efficiency, {m} at N = {n}: {efficiency_factor(table, m, n, pool)} "
+                                 "(paper: about 5x).")
+    lines += ["", "![Dice versus N](dice_vs_n.png)", "", "## How this was produced", "",
+              f"- command: `{meta.get('command')}`", f"- git commit: `{meta.get('commit')}`",
+              f"- machine: {meta.get('machine')}", f"- torch {meta.get('torch')}, pix2rep {meta.get('version')}",
+              f"- downstream budget: {meta.get('budget')}"]
+    for stage, secs in meta.get("stage_seconds", {}).items():
+        lines.append(f"- wall time, {stage}: {secs / 60:.1f} min")
+    atomic_write_bytes(out / "REPORT.md", ("\n".join(lines) + "\n").encode())
+    plot_dice_vs_n(table, methods, out / "dice_vs_n.png", prefix)
+    return {"table": {m: {str(n): {k: v for k, v in e.items() if k != "cells"} for n, e in by.items()} for m, by in table.items()},
+            "headline": headline}
+
+
+def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    for m in methods:
+        ns = sorted(table[m])
+        means = [table[m][n]["dice_mean"][0] for n in ns]
+        stds = [table[m][n]["dice_mean"][1] for n in ns]
+        ax.errorbar(ns, means, yerr=stds, marker="o", ms=4, capsize=3, label=METHOD_LABELS.get(m, m))
+    ax.set_xscale("log")
+    ax.set_xlabel("annotated patients N (log scale)")
+    ax.set_ylabel("mean 3D Dice (RV, MYO, LV)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"{prefix}Dice versus number of annotated patients", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def machine_meta() -> dict:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except Exception:
+        commit = "unknown"
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()}", "torch": str(torch.__version__),
+            "version": __version__, "commit": commit, "command": "pix2rep " + " ".join(sys.argv[1:])}

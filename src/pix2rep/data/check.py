@@ -1,0 +1,109 @@
+"""``pix2rep data check``: a text summary of a loaded dataset and a preview image of it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .discover import Dataset
+from .volume import CLASS_NAMES
+
+# Overlay colours of labels 1 (RV), 2 (MYO), 3 (LV).
+LABEL_COLOURS = {1: (0.15, 0.45, 1.0), 2: (0.2, 0.85, 0.2), 3: (1.0, 0.25, 0.2)}
+
+
+def _range(values: np.ndarray, fmt: str) -> str:
+    """``Z 6-18 x H 154-256 x W 154-256`` style ranges, one per canonical axis."""
+    parts = []
+    for axis, column in zip("ZHW", values.T):
+        low, high = column.min(), column.max()
+        parts.append(f"{axis} {low:{fmt}}" if low == high else f"{axis} {low:{fmt}}-{high:{fmt}}")
+    return " x ".join(parts)
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    """A human-readable report: layout, patients, groups, phases, shapes, spacings, labels, problems."""
+    volumes = [v for p in dataset.patients for v in p.volumes.values()]
+    extra = sum(len(p.unlabeled) for p in dataset.patients)
+    lines = [
+        f"dataset:   {dataset.root}",
+        f"layout:    {dataset.layout}",
+        f"patients:  {len(dataset.patients)}",
+    ]
+    groups = Counter(p.group for p in dataset.patients if p.group is not None)
+    if groups:
+        lines.append("groups:    " + ", ".join(f"{g} {n}" for g, n in sorted(groups.items())))
+    phases = Counter(name for p in dataset.patients for name in p.volumes)
+    lines.append("phases:    " + ", ".join(f"{name} {n}" for name, n in phases.items()))
+    lines.append(f"volumes:   {len(volumes)} ({sum(v.mask is not None for v in volumes)} labeled)")
+    if extra:
+        lines.append(f"extra unlabeled frames (4D cine): {extra}")
+    if volumes:
+        shapes = np.array([v.image.shape for v in volumes])
+        spacings = np.array([v.spacing for v in volumes], dtype=float)
+        lines.append("shape:     " + _range(shapes, "d"))
+        lines.append("spacing:   " + _range(spacings, ".2f") + " mm")
+    label_counts = np.zeros(256, dtype=np.int64)
+    for v in volumes:
+        if v.mask is not None:
+            label_counts += np.bincount(v.mask.ravel(), minlength=256)
+    found = np.flatnonzero(label_counts).tolist()
+    lines.append("labels:    " + (", ".join(str(v) for v in found) if found else "none"))
+    lines.append(f"problems:  {len(dataset.problems)}")
+    lines += [f"  - {problem}" for problem in dataset.problems]
+    return "\n".join(lines)
+
+
+def _slice_indices(volume, n_slices: int) -> list[int]:
+    """``n_slices`` slices spread over the labeled part of the stack (the whole stack if unlabeled)."""
+    depth = volume.image.shape[0]
+    if volume.mask is not None and volume.mask.any():
+        labeled = np.flatnonzero(volume.mask.reshape(depth, -1).any(axis=1))
+        low, high = int(labeled[0]), int(labeled[-1])
+    else:
+        low, high = 0, depth - 1
+    return sorted(set(np.linspace(low, high, n_slices).round().astype(int).tolist()))
+
+
+def write_preview(dataset: Dataset, out_png: str | Path, n_patients: int = 6, n_slices: int = 4) -> Path:
+    """Save a grid of slices with the masks overlaid: one row per (patient, phase), slices in z order.
+
+    Shows the first ``n_patients`` patients, at most two phases each (ED and ES for ACDC).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rows = [(p.id, name, v) for p in dataset.patients[:n_patients] for name, v in list(p.volumes.items())[:2]]
+    if not rows:
+        raise DataError(out_png, "no volumes to preview")
+    fig, axes = plt.subplots(len(rows), n_slices, figsize=(2.2 * n_slices, 2.3 * len(rows)), squeeze=False)
+    for (patient_id, phase, volume), row_axes in zip(rows, axes):
+        low, high = np.percentile(volume.image, [1, 99])
+        indices = _slice_indices(volume, n_slices)
+        for ax, z in zip(row_axes, indices + [None] * n_slices):
+            ax.axis("off")
+            if z is None:
+                continue
+            ax.imshow(volume.image[z], cmap="gray", vmin=low, vmax=max(high, low + 1e-6))
+            if volume.mask is not None:
+                overlay = np.zeros(volume.mask[z].shape + (4,))
+                for label, colour in LABEL_COLOURS.items():
+                    overlay[volume.mask[z] == label] = colour + (0.4,)
+                ax.imshow(overlay)
+            ax.set_title(f"{patient_id} {phase} z={z}", fontsize=7)
+    handles = [Patch(color=LABEL_COLOURS[k + 1], alpha=0.6, label=name) for k, name in enumerate(CLASS_NAMES)]
+    fig.legend(handles=handles, loc="upper right", ncol=3, fontsize=8)
+    title = f"{dataset.root} ({dataset.layout}), slices in stack order (base to apex in ACDC)"
+    fig.suptitle(title, fontsize=9, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return out_png

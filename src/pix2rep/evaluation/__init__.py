@@ -1,0 +1,1 @@
+"""Evaluation: segmentation metrics (Dice, HD95), clinical indices and slice-position analysis."""

@@ -1,0 +1,122 @@
+"""The U-Net backbone whose full-resolution output IS the pixel representation, and its heads.
+
+Architecture (METHOD section 4): ``len(widths)`` levels of double 3x3 conv + BatchNorm + ReLU
+blocks, 2x2 max-pooling down, 2x2 transposed-conv up with skip concatenation. The last
+decoder block outputs ``out_channels`` (D) channels at the input resolution; there is no
+classifier. With widths 64..2048 and D = 1024 this is the paper's 134.9M-parameter network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and head sizes. ``widths`` has one entry per level (len(widths) - 1 poolings)."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    out_channels: int = 64  # D, the size of each pixel's representation
+    in_channels: int = 1
+    norm: str = "batch"  # "batch", "instance" or "none"
+    projection_hidden: int = 256
+    projection_out: int = 256
+    num_classes: int = 4
+
+    def __post_init__(self):
+        self.widths = tuple(int(w) for w in self.widths)
+        if len(self.widths) < 2:
+            raise ValueError(f"a U-Net needs at least 2 levels, got widths={self.widths}")
+        if self.norm not in ("batch", "instance", "none"):
+            raise ValueError(f"norm must be 'batch', 'instance' or 'none', got {self.norm!r}")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.Identity()
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv -> norm -> ReLU) twice."""
+
+    def __init__(self, cin: int, cout: int, norm: str):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1),
+            _norm(norm, cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            _norm(norm, cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """2D U-Net mapping ``(B, in_channels, H, W)`` to ``(B, D, H, W)`` pixel features.
+
+    H and W must be divisible by ``2 ** (len(widths) - 1)``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w = cfg.widths
+        self.depth = len(w)
+        self.encoders = nn.ModuleList([DoubleConv(cfg.in_channels, w[0], cfg.norm)])
+        self.encoders.extend(DoubleConv(w[i - 1], w[i], cfg.norm) for i in range(1, len(w)))
+        self.pool = nn.MaxPool2d(2)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in range(len(w) - 1))
+        # The shallowest decoder block outputs D channels: it is the representation.
+        dec_out = [cfg.out_channels] + list(w[1:-1])
+        self.decoders = nn.ModuleList(DoubleConv(2 * w[i], dec_out[i], cfg.norm) for i in range(len(w) - 1))
+        self.out_channels = cfg.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 2 ** (self.depth - 1)
+        if x.ndim != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(
+                f"expected input (B, C, H, W) with H and W divisible by {factor}, got {tuple(x.shape)}"
+            )
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(self.depth - 1)):
+            x = self.decoders[i](torch.cat([skips[i], self.ups[i](x)], dim=1))
+        return x
+
+
+class ProjectionHead(nn.Module):
+    """Pixel-wise projection g: D -> hidden (BatchNorm, ReLU) -> out, on feature VECTORS.
+
+    Applying it to ``(N, D)`` vectors is the same as a 1x1-conv head on feature maps, but it
+    lets training evaluate the head only at the sampled pixels.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 256, out_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.net(vectors)
+
+
+class SegmentationModel(nn.Module):
+    """Backbone plus a 1x1-conv classifier head (D -> num_classes) giving per-pixel logits."""
+
+    def __init__(self, backbone: UNet, num_classes: int = 4):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Conv2d(backbone.out_channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,95 @@
+"""End to end on a small synthetic dataset: pretrain -> probe / finetune / train -> evaluate."""
+
+import csv
+import pickle
+
+import pytest
+import torch
+import yaml
+
+from pix2rep.cli import main
+from pix2rep.config import RunConfig
+from pix2rep.errors import Pix2RepError
+from pix2rep.training.common import load_checkpoint, prepare_run_dir
+
+
+@pytest.fixture(scope="module")
+def pretrained(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pre"
+    rc = main(["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_pretrain_writes_a_complete_run_folder(pretrained):
+    for name in ("config.yaml", "best.pt", "last.pt", "metrics.csv", "loss.png"):
+        assert (pretrained / name).is_file(), name
+    rows = list(csv.DictReader(open(pretrained / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "samples_per_s", "seconds"}
+    cfg = RunConfig.load(pretrained / "config.yaml")
+    assert cfg.preset == "tiny" and cfg.pretrain.epochs == 1
+    payload, _ = load_checkpoint(pretrained)  # weights_only=True inside
+    assert payload["kind"] == "pix2rep-pretrain" and payload["epoch"] == 1
+
+
+def test_existing_run_folder_is_refused_then_resumed(pretrained, synthetic_root, capsys):
+    args = ["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--out", str(pretrained), "--no-progress"]
+    assert main(args + ["--epochs", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # resume continues the same run to a second epoch and keeps the first epoch's row
+    cfg = yaml.safe_load(open(pretrained / "config.yaml"))
+    cfg["pretrain"]["epochs"] = 2
+    (pretrained / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(args + ["--resume"]) == 0
+    rows = list(csv.DictReader(open(pretrained / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_overwrite_only_deletes_run_folders(tmp_path):
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    with pytest.raises(Pix2RepError, match="not a pix2rep run folder"):
+        prepare_run_dir(other, overwrite=True)
+    assert (other / "thesis.tex").exists()
+
+
+def test_a_crafted_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('pwned', 'w').write('x')",))
+
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"config": {}, "x": Evil()}, f)
+    with pytest.raises(Pix2RepError, match="refused to load"):
+        load_checkpoint(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_mismatched_architecture_names_the_keys(pretrained):
+    from pix2rep.models import UNet
+    from pix2rep.training.common import load_state
+
+    payload, path = load_checkpoint(pretrained)
+    other = UNet(RunConfig.from_dict({"model": {"widths": [8, 16], "out_channels": 16}}).model)
+    with pytest.raises(Pix2RepError, match="do not match the configured architecture"):
+        load_state(other, payload["backbone"], "backbone", path)
+
+
+@pytest.mark.parametrize("command", ["probe", "finetune", "train"])
+def test_downstream_then_evaluate(pretrained, synthetic_root, tmp_path, command):
+    out = tmp_path / command
+    args = [command, "--data", str(synthetic_root), "--out", str(out), "--patients", "2", "--seed", "0", "--steps", "40", "--no-progress"]
+    args += ["--preset", "tiny"] if command == "train" else ["-m", str(pretrained)]
+    assert main(args) == 0
+    cfg = RunConfig.load(out / "config.yaml")
+    assert len(cfg.patients) == 2 and cfg.downstream.steps == 40
+    assert cfg.downstream.mode == {"probe": "probe", "finetune": "finetune", "train": "scratch"}[command]
+    ev = tmp_path / f"eval-{command}"
+    assert main(["evaluate", "-m", str(out), "--data", str(synthetic_root), "--out", str(ev)]) == 0
+    rows = list(csv.DictReader(open(ev / "per_case.csv")))
+    assert len(rows) == 20  # 10 patients x ED/ES (no ACDC development split in synthetic data)
+    assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows)
+    assert (ev / "summary.json").is_file() and (ev / "clinical.csv").is_file()
