@@ -301,3 +301,14 @@ def test_acdc_patient001_base_is_first_slice():
     regions = slice_position_thirds(gt)
     assert list(regions) == ["none"] + ["basal"] * 3 + ["mid"] * 3 + ["apical"] * 3
     assert list(slice_position_thirds(gt[::-1])) == list(regions)[::-1]
+
+
+def test_keep_largest_component_per_class():
+    from pix2rep.inference import keep_largest_component
+
+    labels = np.zeros((3, 10, 10), np.uint8)
+    labels[:, 1:4, 1:4] = 3  # 27 voxels: kept
+    labels[1, 7, 7] = 3  # a stray voxel of the same class: removed
+    labels[1, 8:10, 0:2] = 2  # the only MYO component: kept
+    out = keep_largest_component(labels)
+    assert (out == 3).sum() == 27 and out[1, 7, 7] == 0 and (out == 2).sum() == 4

@@ -93,3 +93,23 @@ def test_downstream_then_evaluate(pretrained, synthetic_root, tmp_path, command)
     assert len(rows) == 20  # 10 patients x ED/ES (no ACDC development split in synthetic data)
     assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows)
     assert (ev / "summary.json").is_file() and (ev / "clinical.csv").is_file()
+
+
+def test_predict_on_a_dicom_folder_writes_one_nifti_per_phase(synthetic_root, tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from test_dicom import expected_native, write_series
+
+    seg = tmp_path / "seg"
+    assert main(["train", "--data", str(synthetic_root), "--preset", "tiny", "--patients", "1", "--steps", "5", "--out", str(seg), "--no-progress"]) == 0
+    dicom = tmp_path / "dicom"
+    write_series(dicom, n_phases=2, n_slices=6)
+    out = tmp_path / "pred"
+    assert main(["predict", "-i", str(dicom), "-o", str(out), "-m", str(seg)]) == 0
+    outputs = sorted(out.glob("*.nii.gz"))
+    assert len(outputs) == 2
+    for path in outputs:
+        img = nib.load(path)
+        assert img.shape == expected_native(0).shape
+        assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2, 3}
+        assert path.with_name(path.name[: -len(".nii.gz")] + ".json").is_file()

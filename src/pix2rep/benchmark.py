@@ -74,7 +74,7 @@ def run_cell(
     )
     t_train = time.time() - t0
     device = resolve_device(cfg.device)
-    rows, clinical_rows, _ = evaluate_patients(model, evaluation, device, cfg.bf16)
+    rows, clinical_rows, _ = evaluate_patients(model, evaluation, device, cfg.bf16, postprocess=cfg.downstream.postprocess)
     return {
         "method": method,
         "n": n,
@@ -164,6 +164,8 @@ def efficiency_factor(table: dict, method: str, n: int, pool_size: int) -> str:
             else:
                 t = (target - y0) / (y1 - y0)
                 needed = float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
+            if needed <= n:
+                return f"none: the baseline already matches it at N = {n1}"
             return f"{needed / n:.1f}x (baseline needs {needed:.1f} patients)"
     return f"more than {max(ns) // n}x (baseline never matches it up to N = {max(ns)})"
 

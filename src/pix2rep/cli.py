@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(auto: dev-pool when they are present)")
         p.add_argument("--steps", type=int, default=None, help="optimiser steps (the same budget for every method)")
         p.add_argument("--loss", choices=("dice", "dice-ce"), default=None)
+        p.add_argument("--postprocess", choices=("none", "largest-component"), default=None,
+                       help="applied by evaluate and predict (recorded in the config)")
         p.add_argument("--device", default=None)
         p.add_argument("--no-progress", action="store_true")
         _add_preprocess_args(p)
@@ -321,6 +323,8 @@ def _cmd_downstream(args) -> int:
         cfg.downstream.steps = args.steps
     if args.loss:
         cfg.downstream.loss = args.loss
+    if args.postprocess:
+        cfg.downstream.postprocess = args.postprocess
     cfg.downstream.seed = args.seed
     out = prepare_run_dir(args.out, args.resume, args.overwrite)
     if args.resume and (out / "model.pt").exists():
@@ -372,7 +376,7 @@ def _cmd_evaluate(args) -> int:
     overlap = set(cfg.patients) & {p.id for p in patients}
     if overlap:
         print(f"warning: {len(overlap)} evaluation patient(s) were used to train this model: {sorted(overlap)}")
-    rows, clinical_rows, _ = evaluate_patients(model, patients, device, cfg.bf16)
+    rows, clinical_rows, _ = evaluate_patients(model, patients, device, cfg.bf16, postprocess=cfg.downstream.postprocess)
     if not rows:
         raise Pix2RepError(f"{args.data}: no labeled volumes to evaluate")
     summary = summarise(rows, clinical_rows)
@@ -427,7 +431,7 @@ def _cmd_predict(args) -> int:
                 raise Pix2RepError(f"{out_path}: already exists; pass --overwrite to replace it")
             t0 = time.time()
             prepared = prepare_volume(volume, pre_cfg)
-            labels = predict_prepared(model, prepared, device, cfg.bf16)
+            labels = predict_prepared(model, prepared, device, cfg.bf16, cfg.downstream.postprocess)
             write_label_nifti(volume.to_native(labels), volume, out_path)
             sidecar = {
                 "input": volume.source,

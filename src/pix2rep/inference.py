@@ -39,10 +39,28 @@ def predict_probabilities(model: SegmentationModel, images: np.ndarray, device, 
     return torch.cat(out)
 
 
-def predict_prepared(model: SegmentationModel, prepared: PreparedVolume, device="cpu", amp: bool = True) -> np.ndarray:
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep, for each class, only its largest 3D connected component (26-connectivity)."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for label in np.unique(labels):
+        if label == 0:
+            continue
+        components, n = ndimage.label(labels == label, structure=np.ones((3, 3, 3)))
+        if n > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            out[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
+    return out
+
+
+def predict_prepared(
+    model: SegmentationModel, prepared: PreparedVolume, device="cpu", amp: bool = True, postprocess: str = "none"
+) -> np.ndarray:
     """Label volume on the canonical grid of the volume ``prepared`` came from."""
     probs = predict_probabilities(model, prepared.images, device, amp)
-    return probabilities_to_canonical(probs, prepared)
+    labels = probabilities_to_canonical(probs, prepared)
+    return keep_largest_component(labels) if postprocess == "largest-component" else labels
 
 
 # -- files in, files out (``pix2rep predict``) -------------------------------------------------

@@ -17,7 +17,9 @@ from .metrics import CLASS_NAMES, segmentation_metrics
 from .regions import dice_by_region, slice_position_thirds
 
 
-def evaluate_patients(model, patients: Sequence[PreparedPatient], device="cpu", amp: bool = True, keep_predictions=False):
+def evaluate_patients(
+    model, patients: Sequence[PreparedPatient], device="cpu", amp: bool = True, keep_predictions=False, postprocess="none"
+):
     """Rows of metrics (one per patient and phase) and clinical rows (one per patient with ED and ES)."""
     rows, clinical_rows, predictions = [], [], {}
     for p in patients:
@@ -25,7 +27,7 @@ def evaluate_patients(model, patients: Sequence[PreparedPatient], device="cpu", 
         for v in p.volumes:
             if v.canonical_mask is None:
                 continue
-            pred = predict_prepared(model, v, device, amp)
+            pred = predict_prepared(model, v, device, amp, postprocess)
             gt = v.canonical_mask
             row = {"patient": p.id, "group": p.group or "", "phase": v.phase or ""}
             row.update(segmentation_metrics(pred, gt, v.spacing))

@@ -46,6 +46,27 @@ def build_segmentation_model(cfg: RunConfig, backbone_state: Optional[dict] = No
     return SegmentationModel(backbone, cfg.model.num_classes)
 
 
+@torch.no_grad()
+def calibrate_batchnorm(backbone: nn.Module, images: torch.Tensor, device, amp: bool, memory_format, batch_size: int = 32) -> None:
+    """Set BatchNorm running statistics from the training images (cumulative average).
+
+    A randomly initialised backbone has running statistics (mean 0, variance 1) that match no
+    real activations; in eval mode its deep features then blow up or vanish, and a probe on
+    them learns nothing. Recomputing them on the training slices makes the random-backbone
+    probe a fair floor. (Pretrained backbones keep the statistics learned in pretraining.)
+    """
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over the calibration batches
+    backbone.train()
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device).contiguous(memory_format=memory_format)
+        with autocast(device, amp):
+            backbone(x)
+    backbone.eval()
+
+
 def _optimizer(model: SegmentationModel, cfg: RunConfig) -> torch.optim.Optimizer:
     d = cfg.downstream
     if d.mode in FROZEN_MODES:
@@ -113,6 +134,8 @@ def train_segmentation(
     frozen = d.mode in FROZEN_MODES
     if frozen:
         model.backbone.requires_grad_(False)
+    if d.mode == "random-probe":
+        calibrate_batchnorm(model.backbone, train.images, device, amp, memory_format)
     optimizer = _optimizer(model, cfg)
     loss_fn = segmentation_loss(d.loss)
     gen = torch.Generator(device=device).manual_seed(d.seed)
