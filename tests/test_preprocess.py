@@ -142,3 +142,23 @@ def test_acdc_round_trip_and_label_free_containment(acdc_patients, protocol):
         assert contained == 200
     else:
         assert contained / n >= 0.98, f"label-free ROI contains the heart in only {contained}/{n} volumes"
+
+
+def test_extra_cine_frames_become_unlabeled_pretraining_slices():
+    from pix2rep.data.dataset import prepare_patients, stack_slices
+    from pix2rep.data.volume import Patient
+
+    rng = np.random.default_rng(0)
+
+    def vol(phase, mask=True):
+        m = np.zeros((4, 64, 64), np.uint8)
+        m[:, 20:40, 20:40] = 3
+        return Volume(image=rng.random((4, 64, 64)).astype(np.float32), spacing=(8.0, 1.5, 1.5),
+                      mask=m if mask else None, phase=phase)
+
+    patient = Patient("p1", {"ED": vol("ED"), "ES": vol("ES")}, group="NOR", unlabeled=[vol("frame03", False), vol("frame04", False)])
+    (prepared,) = prepare_patients([patient], PreprocessConfig())
+    assert len(prepared.unlabeled) == 2
+    assert len(stack_slices([prepared], labeled=False)) == 8  # ED + ES
+    assert len(stack_slices([prepared], labeled=False, include_unlabeled=True)) == 16
+    assert len(stack_slices([prepared], labeled=True)) == 8  # masks only where there are labels

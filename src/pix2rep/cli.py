@@ -254,12 +254,12 @@ def _resolve_config(args, preset_default="cpu"):
     return cfg
 
 
-def _load_patients(path, cfg, cache, split: str = "all"):
+def _load_patients(path, cfg, cache, split: str = "all", include_4d: bool = False):
     from .data.dataset import prepare_dataset
     from .data.sampling import split_development
 
     t0 = time.time()
-    patients = prepare_dataset(path, cfg.preprocess, cache_dir=cache)
+    patients = prepare_dataset(path, cfg.preprocess, cache_dir=cache, include_4d=include_4d)
     if split == "dev-pool":
         patients, held_out = split_development(patients)
         if not held_out:
@@ -284,7 +284,8 @@ def _cmd_pretrain(args) -> int:
     if args.no_spatial:
         cfg.spatial.enabled = False
     cfg.data = str(Path(args.data).resolve()) + ("" if args.split == "all" else f" [{args.split}]")
-    patients = _load_patients(args.data, cfg, args.cache, args.split)
+    # 4D cine files, where present, add their other frames as unlabeled pretraining slices
+    patients = _load_patients(args.data, cfg, args.cache, args.split, include_4d=True)
     summary = pretrain(cfg, patients, out, resume=args.resume, progress=not args.no_progress)
     print(f"done: best validation loss {summary['best_val_loss']:.4f}; run folder {out}")
     return 0
