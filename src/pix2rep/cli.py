@@ -463,7 +463,7 @@ def _cmd_benchmark(args) -> int:
     from .benchmark import METHODS, cell_name, load_cells, machine_meta, run_cell, write_report
     from .config import RunConfig
     from .data.sampling import split_development
-    from .training.common import atomic_write_bytes, load_checkpoint, prepare_run_dir
+    from .training.common import MetricsLog, atomic_write_bytes, load_checkpoint, prepare_run_dir
     from .training.pretrain import pretrain
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -503,7 +503,7 @@ def _cmd_benchmark(args) -> int:
         t0 = time.time()
         pre_dir = out / "pretrain"
         pre_dir.mkdir(exist_ok=True)
-        done = (pre_dir / "best.pt").exists() and len(list(csv_rows(pre_dir / "metrics.csv"))) >= cfg.pretrain.epochs
+        done = (pre_dir / "best.pt").exists() and len(MetricsLog(pre_dir / "metrics.csv", ()).rows) >= cfg.pretrain.epochs
         if not done:
             pretrain(cfg, pool, pre_dir, resume=(pre_dir / "last.pt").exists(), progress=not args.no_progress)
         payload, _ = load_checkpoint(pre_dir / "best.pt")
@@ -535,15 +535,6 @@ def _cmd_benchmark(args) -> int:
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     print(f"report: {out / 'REPORT.md'}")
     return 0
-
-
-def csv_rows(path):
-    import csv
-
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _cmd_features(args) -> int:

@@ -88,8 +88,9 @@ def pretrain_loss(
     f1, f2 = feats[:B], feats[B:]
     n = cfg.pretrain.n_samples if cfg.pretrain.loss == "infonce" else BARLOW_PIXELS
     positions = sample_valid_positions(valid, n, generator)
-    u = sample_at(f1.float(), theta, positions)
-    v = gather_positions(f2.float(), positions)
+    # Read the N sampled vectors first, then cast: no float32 copy of whole feature maps.
+    u = sample_at(f1, theta, positions, dtype=torch.float32)
+    v = gather_positions(f2, positions).float()
     with autocast(x.device, amp):
         z = head(torch.cat([u, v]))
     zu, zv = z[: len(u)].float(), z[len(u) :].float()

@@ -179,12 +179,14 @@ def warp(x: Tensor, theta: Tensor, mode: str = "bilinear") -> tuple[Tensor, Tens
     return warped.to(x.dtype), valid_mask(theta, height, width)
 
 
-def sample_at(features: Tensor, theta: Tensor, positions: Positions) -> Tensor:
+def sample_at(features: Tensor, theta: Tensor, positions: Positions, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Bilinear lookup of ``features`` (B, C, H, W) at the sources ``T(p)`` of output pixels ``p``.
 
     ``positions = (b, y, x)`` are integer output positions. Returns ``(N, C)``, equal to
     ``warp(features, theta)[0][b, :, y, x]`` (same zero padding) while reading only 4 N pixel
     vectors instead of warping whole feature maps. Differentiable with respect to ``features``.
+    The result has ``dtype`` (default: the features' own); the interpolation itself always runs
+    in at least float32, so bf16 features need no full-map cast beforehand.
     """
     b, y, x = positions
     height, width = features.shape[-2:]
@@ -203,4 +205,4 @@ def sample_at(features: Tensor, theta: Tensor, positions: Positions) -> Tensor:
             inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
             values = features[b, :, r.clamp(0, height - 1), c.clamp(0, width - 1)].to(compute_dtype)
             result = result + values * (weight_row * weight_col * inside)[:, None]
-    return result.to(features.dtype)
+    return result.to(dtype or features.dtype)
