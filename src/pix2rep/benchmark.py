@@ -88,6 +88,31 @@ def run_cell(
     }
 
 
+def log_invocation(out: Path) -> None:
+    """Append this command line to ``invocations.jsonl``: the report names the first, and any resumes."""
+    entry = {"command": "pix2rep " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    with open(out / "invocations.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_invocations(out: Path) -> list[dict]:
+    path = out / "invocations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def total_stage_seconds(out: Path, cells: list[dict]) -> dict[str, float]:
+    """Wall time per stage summed over every invocation: pretraining epochs and grid cells."""
+    from .training.common import MetricsLog
+
+    stages = {}
+    pre = out / "pretrain" / "metrics.csv"
+    if pre.exists():
+        stages["pretraining"] = sum(float(r["seconds"]) for r in MetricsLog(pre, ()).rows)
+    stages["downstream training"] = sum(c["train_seconds"] for c in cells)
+    stages["evaluation"] = sum(c["eval_seconds"] for c in cells)
+    return stages
+
+
 def load_cells(cells_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
 
@@ -237,11 +262,16 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
                 if m in table and n in table[m]:
                     lines.append(f"- Annotation efficiency, {m} at N = {n}: {efficiency_factor(table, m, n, pool)} "
                                  "(paper: about 5x).")
+    invocations = read_invocations(out)
+    first = invocations[0]["command"] if invocations else meta.get("command")
     lines += ["", "![Dice versus N](dice_vs_n.png)", "", "## How this was produced", "",
-              f"- command: `{meta.get('command')}`", f"- git commit: `{meta.get('commit')}`",
+              f"- command: `{first}`"]
+    for inv in invocations[1:]:
+        lines.append(f"- continued with: `{inv['command']}` ({inv['started']})")
+    lines += [f"- git commit: `{meta.get('commit')}`",
               f"- machine: {meta.get('machine')}", f"- torch {meta.get('torch')}, pix2rep {meta.get('version')}",
               f"- downstream budget: {meta.get('budget')}"]
-    for stage, secs in meta.get("stage_seconds", {}).items():
+    for stage, secs in {**total_stage_seconds(out, cells), **meta.get("stage_seconds", {})}.items():
         lines.append(f"- wall time, {stage}: {secs / 60:.1f} min")
     atomic_write_bytes(out / "REPORT.md", ("\n".join(lines) + "\n").encode())
     plot_dice_vs_n(table, methods, out / "dice_vs_n.png", prefix)

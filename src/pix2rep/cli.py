@@ -129,9 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-full-pool", action="store_true", help="skip the run on the whole pool (one seed)")
     p.add_argument("--steps", type=int, default=None, help="downstream optimiser steps, the same for every method")
     p.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: N in {1, 5}, seed 0, 100 steps, 5 minutes of pretraining, no full pool")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     _add_preprocess_args(p)
+    _add_output_args(p)
+
+    p = sub.add_parser("demo", help="the main job on an embedded default: a small label-efficiency study on SYNTHETIC data")
+    p.add_argument("--data", default=None, help="run on this labeled dataset instead of the synthetic default")
+    p.add_argument("--out", default="pix2rep-demo", help="results folder (default ./pix2rep-demo)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cache", default=None, help="folder of the preprocessed-slice cache (default ~/.cache/pix2rep)")
     _add_output_args(p)
 
     p = sub.add_parser("features", help="show a model's per-pixel features (PCA to RGB) beside the image")
@@ -157,6 +167,7 @@ def main(argv=None) -> int:
             "evaluate": _cmd_evaluate,
             "predict": _cmd_predict,
             "benchmark": _cmd_benchmark,
+            "demo": _cmd_demo,
         }[args.command]
         return handler(args) or 0
     except Pix2RepError as exc:
@@ -460,20 +471,26 @@ def _cmd_predict(args) -> int:
 def _cmd_benchmark(args) -> int:
     import json
 
-    from .benchmark import METHODS, cell_name, load_cells, machine_meta, run_cell, write_report
+    from .benchmark import METHODS, cell_name, load_cells, log_invocation, machine_meta, run_cell, write_report
     from .config import RunConfig
     from .data.sampling import split_development
-    from .training.common import MetricsLog, atomic_write_bytes, load_checkpoint, prepare_run_dir
+    from .training.common import atomic_write_bytes, load_checkpoint, prepare_run_dir
     from .training.pretrain import pretrain
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise Pix2RepError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    if args.quick:
+        args.n, args.seeds, args.no_full_pool = "1,5", "0", True
+        args.steps = args.steps or 100
     ns = [int(x) for x in args.n.split(",") if x.strip()]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     out = prepare_run_dir(args.out, args.resume, args.overwrite)
+    log_invocation(out)
     cfg = _resolve_config(args)
+    if args.quick:
+        cfg.pretrain.max_minutes = 5.0
     backbone_state = None
     if args.model:
         payload, path = load_checkpoint(args.model)
@@ -496,19 +513,18 @@ def _cmd_benchmark(args) -> int:
         if not evaluation:
             raise Pix2RepError(f"{args.data}: not the ACDC training set (no development patients); pass --eval-data")
         eval_desc = f"the 20 held-out ACDC development patients (ED and ES)"
-    stage_seconds["data preparation"] = time.time() - t_start
+    stage_seconds["data preparation (this invocation)"] = time.time() - t_start
     cfg.data = str(Path(args.data).resolve())
     cfg.save(out / "config.yaml")
     if backbone_state is None and any(METHODS[m][1] for m in methods):
         t0 = time.time()
         pre_dir = out / "pretrain"
         pre_dir.mkdir(exist_ok=True)
-        done = (pre_dir / "best.pt").exists() and len(MetricsLog(pre_dir / "metrics.csv", ()).rows) >= cfg.pretrain.epochs
-        if not done:
-            pretrain(cfg, pool, pre_dir, resume=(pre_dir / "last.pt").exists(), progress=not args.no_progress)
+        # pretrain() itself knows when a resumed run has nothing left to do (epochs or time spent)
+        pretrain(cfg, pool, pre_dir, resume=(pre_dir / "last.pt").exists(), progress=not args.no_progress)
         payload, _ = load_checkpoint(pre_dir / "best.pt")
         backbone_state = payload["backbone"]
-        stage_seconds["pretraining"] = time.time() - t0
+        stage_seconds["pretraining (this invocation)"] = time.time() - t0
     cells_dir = out / "cells"
     cells_dir.mkdir(exist_ok=True)
     grid = [(m, n, s) for n in ns for s in seeds for m in methods if n <= len(pool)]
@@ -535,6 +551,27 @@ def _cmd_benchmark(args) -> int:
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     print(f"report: {out / 'REPORT.md'}")
     return 0
+
+
+def _cmd_demo(args) -> int:
+    """A small label-efficiency study: on SYNTHETIC data by default, or on ``--data`` (then ``--quick``)."""
+    if args.data is None:
+        from .data.dataset import default_cache_dir
+        from .data.synthetic import write_synthetic_dataset
+
+        root = default_cache_dir() / "demo"
+        pool = write_synthetic_dataset(root / "synthetic-pool-20-seed0", n_patients=20, seed=0)
+        held_out = write_synthetic_dataset(root / "synthetic-eval-8-seed1", n_patients=8, seed=1)
+        print(f"demo on SYNTHETIC data (generated by pix2rep, not real MRI): pool {pool}, evaluation {held_out}")
+        argv = ["benchmark", "--data", str(pool), "--eval-data", str(held_out), "--preset", "tiny",
+                "--n", "1,2,5", "--seeds", "0,1", "--no-full-pool", "--steps", "150"]
+    else:
+        argv = ["benchmark", "--data", args.data, "--quick"]
+    argv += ["--out", args.out] + ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    argv += ["--no-progress"] * args.no_progress
+    argv += ["--device", args.device] if args.device else []
+    argv += ["--cache", args.cache] if args.cache else []
+    return _cmd_benchmark(build_parser().parse_args(argv))
 
 
 def _cmd_features(args) -> int:

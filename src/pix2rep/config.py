@@ -131,7 +131,9 @@ PRESETS: dict[str, dict] = {
     # The paper's U-Net: 6 levels, widths 64..2048, D = 1024, about 134.9M parameters; 200 epochs.
     "paper": {"model": {"widths": (64, 128, 256, 512, 1024, 2048), "out_channels": 1024}, "pretrain": {"epochs": 200}},
     # Measured on the 2-core CPU (README, "Choosing the cpu preset"): widths 16..256, D = 64.
-    "cpu": {"model": {"widths": (16, 32, 64, 128, 256), "out_channels": 64}, "pretrain": {"epochs": 20, "max_minutes": 28.0}},
+    # 300 downstream steps keep one protocol's whole study (64 cells) within 2 hours there.
+    "cpu": {"model": {"widths": (16, 32, 64, 128, 256), "out_channels": 64}, "pretrain": {"epochs": 20, "max_minutes": 28.0},
+            "downstream": {"steps": 300}},
     # A tiny network for tests and the synthetic demo.
     "tiny": {"model": {"widths": (8, 16, 32), "out_channels": 16}, "pretrain": {"epochs": 2}},
 }

@@ -165,11 +165,15 @@ def pretrain(
         metrics.truncate(start_epoch)
         log(f"resuming after epoch {start_epoch} (best validation loss {best_val:.4f})")
     cfg.save(out_dir / "config.yaml")
+    last_epoch = cfg.pretrain.epochs
+    if cfg.pretrain.max_minutes is not None and elapsed_before / 60 >= cfg.pretrain.max_minutes:
+        log(f"nothing to resume: the time budget of {cfg.pretrain.max_minutes} minutes was spent after epoch {start_epoch}")
+        last_epoch = start_epoch
 
     bs = cfg.pretrain.batch_size
     steps = len(train) // bs
     t_run = time.time()
-    for epoch in range(start_epoch + 1, cfg.pretrain.epochs + 1):
+    for epoch in range(start_epoch + 1, last_epoch + 1):
         backbone.train()
         head.train()
         t0 = time.time()
