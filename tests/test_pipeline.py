@@ -4,7 +4,6 @@ import csv
 import pickle
 
 import pytest
-import torch
 import yaml
 
 from pix2rep.cli import main

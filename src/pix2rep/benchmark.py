@@ -8,7 +8,6 @@ stopping rule); only learning rates differ, as METHOD section 5 prescribes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
@@ -23,22 +22,52 @@ import numpy as np
 from .config import RunConfig
 from .data.dataset import PreparedPatient
 from .data.sampling import sample_few_shot_patients
-from .errors import Pix2RepError
-from .training.common import atomic_write_bytes
+from .atomic import atomic_write_bytes, save_figure
 
-# method name -> downstream mode; methods marked True start from the Pix2Rep backbone
-METHODS: dict[str, tuple[str, bool]] = {
-    "baseline": ("scratch", False),
-    "pix2rep-lp": ("probe", True),
-    "pix2rep-ft": ("finetune", True),
-    "random-lp": ("random-probe", False),
+# method name -> (downstream mode, the pretraining it starts from, or None for a random start)
+METHODS: dict[str, tuple[str, Optional[str]]] = {
+    "baseline": ("scratch", None),
+    "pix2rep-lp": ("probe", "pix2rep"),
+    "pix2rep-ft": ("finetune", "pix2rep"),
+    "random-lp": ("random-probe", None),
+    "pix2rep-v2-lp": ("probe", "pix2rep-v2"),
+    "pix2rep-v2-ft": ("finetune", "pix2rep-v2"),
+    "pix2rep-mt": ("mean-teacher", "pix2rep"),
+    "baseline-mt": ("mean-teacher", None),
+    "simclr-lp": ("probe", "simclr"),
+    "simclr-ft": ("finetune", "simclr"),
+    "invariance-lp": ("probe", "invariance"),
+    "invariance-ft": ("finetune", "invariance"),
 }
 METHOD_LABELS = {
     "baseline": "supervised baseline (from scratch)",
     "pix2rep-lp": "Pix2Rep linear probe",
     "pix2rep-ft": "Pix2Rep fine-tuning",
     "random-lp": "linear probe on a random backbone (floor)",
+    "pix2rep-v2-lp": "Pix2Rep-v2 (Barlow Twins) linear probe",
+    "pix2rep-v2-ft": "Pix2Rep-v2 (Barlow Twins) fine-tuning",
+    "pix2rep-mt": "Pix2Rep fine-tuning + Mean Teacher",
+    "baseline-mt": "baseline + Mean Teacher",
+    "simclr-lp": "SimCLR (image-level) linear probe on a random decoder",
+    "simclr-ft": "SimCLR (image-level) fine-tuning",
+    "invariance-lp": "invariance ablation (no spatial transform) linear probe",
+    "invariance-ft": "invariance ablation (no spatial transform) fine-tuning",
 }
+# pretraining kind -> (its run folder inside RESULTS_DIR, what changes from the preset's pretraining)
+PRETRAININGS: dict[str, tuple[str, dict]] = {
+    "pix2rep": ("pretrain", {}),
+    "pix2rep-v2": ("pretrain-v2", {"pretrain": {"loss": "barlow"}}),
+    "simclr": ("pretrain-simclr", {"pretrain": {"loss": "simclr", "batch_size": 32}}),
+    "invariance": ("pretrain-invariance", {"spatial": {"enabled": False}}),
+}
+
+
+def pretraining_config(cfg: RunConfig, kind: str) -> RunConfig:
+    """The study's configuration with the changes of one pretraining kind."""
+    data = cfg.to_dict()
+    for section, changes in PRETRAININGS[kind][1].items():
+        data[section] = {**data[section], **changes}
+    return RunConfig.from_dict(data)
 CLASSES = ("RV", "MYO", "LV")
 
 
@@ -53,16 +82,20 @@ def run_cell(
     seed: int,
     pool: Sequence[PreparedPatient],
     evaluation: Sequence[PreparedPatient],
-    backbone_state: Optional[dict],
+    backbones: dict[str, tuple[dict, list[str]]],
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train one method on N sampled patients and evaluate it: the cell's JSON payload."""
+    """Train one method on N sampled patients and evaluate it: the cell's JSON payload.
+
+    ``backbones`` maps a pretraining kind to (backbone state, pretrained name prefixes).
+    Mean Teacher methods use the whole pool, unlabeled, as their unlabeled set."""
     from .evaluation.evaluate import evaluate_patients
     from .training.common import resolve_device
     from .training.downstream import train_segmentation
 
-    mode, pretrained = METHODS[method]
+    mode, kind = METHODS[method]
+    state, prefixes = backbones[kind] if kind else (None, None)
     cell_cfg = RunConfig.from_dict(cfg.to_dict())
     cell_cfg.downstream.mode = mode
     cell_cfg.downstream.seed = seed
@@ -70,7 +103,8 @@ def run_cell(
     cell_cfg.patients = [p.id for p in chosen]
     t0 = time.time()
     model, summary = train_segmentation(
-        cell_cfg, chosen, None, backbone_state=backbone_state if pretrained else None, progress=progress, log=log
+        cell_cfg, chosen, None, backbone_state=state, progress=progress, log=log, pretrained_prefixes=prefixes,
+        unlabeled_patients=pool if mode == "mean-teacher" else (),
     )
     t_train = time.time() - t0
     device = resolve_device(cfg.device)
@@ -97,7 +131,15 @@ def log_invocation(out: Path) -> None:
 
 def read_invocations(out: Path) -> list[dict]:
     path = out / "invocations.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:  # a run killed while appending leaves at most one broken last line
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return entries
 
 
 def total_stage_seconds(out: Path, cells: list[dict]) -> dict[str, float]:
@@ -105,11 +147,16 @@ def total_stage_seconds(out: Path, cells: list[dict]) -> dict[str, float]:
     from .training.common import MetricsLog
 
     stages = {}
-    pre = out / "pretrain" / "metrics.csv"
-    if pre.exists():
-        stages["pretraining"] = sum(float(r["seconds"]) for r in MetricsLog(pre, ()).rows)
+    for kind, (folder, _) in PRETRAININGS.items():
+        pre = out / folder / "metrics.csv"
+        if pre.exists():
+            label = "pretraining" if kind == "pix2rep" else f"pretraining {kind}"
+            stages[label] = sum(float(r["seconds"]) for r in MetricsLog(pre, ()).rows)
     stages["downstream training"] = sum(c["train_seconds"] for c in cells)
     stages["evaluation"] = sum(c["eval_seconds"] for c in cells)
+    for method in sorted({c["method"] for c in cells}, key=lambda m: list(METHODS).index(m) if m in METHODS else 99):
+        stages[f"downstream training + evaluation, {method}"] = sum(
+            c["train_seconds"] + c["eval_seconds"] for c in cells if c["method"] == method)
     return stages
 
 
@@ -211,7 +258,8 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
     for c in cells:
         for r in c["rows"]:
             for k in CLASSES:
-                rows.append({"method": c["method"], "N": c["n"], "seed": c["seed"], "patient": r["patient"],
+                rows.append({**({"data": "SYNTHETIC"} if synthetic else {}),
+                             "method": c["method"], "N": c["n"], "seed": c["seed"], "patient": r["patient"],
                              "phase": r["phase"], "class": k, "dice": r[f"dice_{k}"], "hd95": r[f"hd95_{k}"]})
     write_csv(out / "runs.csv", rows)
     table = summarise_grid(cells)
@@ -276,7 +324,7 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
     atomic_write_bytes(out / "REPORT.md", ("\n".join(lines) + "\n").encode())
     plot_dice_vs_n(table, methods, out / "dice_vs_n.png", prefix)
     return {"table": {m: {str(n): {k: v for k, v in e.items() if k != "cells"} for n, e in by.items()} for m, by in table.items()},
-            "headline": headline}
+            "headline": headline, "synthetic_data": synthetic}
 
 
 def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str = "") -> None:
@@ -299,8 +347,7 @@ def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str =
     ax.set_title(f"{prefix}Dice versus number of annotated patients", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def machine_meta() -> dict:

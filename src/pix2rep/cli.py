@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import Pix2RepError
+from .errors import OutputExistsError, Pix2RepError
 
 
 def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a config.yaml to start from instead of a preset")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that crosses this time")
-    p.add_argument("--loss", choices=("infonce", "barlow"), default=None, help="Pix2Rep (infonce) or Pix2Rep-v2 (barlow)")
+    p.add_argument("--loss", choices=("infonce", "barlow", "simclr"), default=None,
+                   help="Pix2Rep (infonce), Pix2Rep-v2 (barlow), or the image-level SimCLR baseline (simclr)")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per step (SimCLR wants at least 32)")
     p.add_argument("--no-spatial", action="store_true", help="invariance ablation: no spatial transform between views")
     p.add_argument("--split", choices=("all", "dev-pool"), default="all",
                    help="dev-pool: leave out the 20 ACDC development evaluation patients")
@@ -83,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--random-probe", action="store_true", help="train only a 1x1 head on a frozen random backbone (the floor)")
         else:
             p.add_argument("-m", "--model", required=True, help="pretrained run folder or checkpoint")
+        if name in ("train", "finetune"):
+            p.add_argument("--mean-teacher", action="store_true",
+                           help="add Mean Teacher consistency on the unlabeled slices of the split's patients")
         who = p.add_mutually_exclusive_group(required=True)
         who.add_argument("--patients", type=int, help="number of annotated patients (stratified, nested sampler)")
         who.add_argument("--patient-ids", help="explicit comma-separated patient ids")
@@ -144,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="folder of the preprocessed-slice cache (default ~/.cache/pix2rep)")
     _add_output_args(p)
 
+    p = sub.add_parser("bench", help="speed benchmark: samples/s, FLOP utilisation, time split, inference, memory")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--device", default=None)
+    p.add_argument("-i", "--input", default=None, help="a NIfTI volume to time inference on (default: a random 10-slice volume)")
+    p.add_argument("--out", default=None, help="JSON file to write the measurements to")
+    p.add_argument("--repeats", type=int, default=8, help="timed repetitions per figure (median reported)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
     p = sub.add_parser("features", help="show a model's per-pixel features (PCA to RGB) beside the image")
     p.add_argument("-i", "--input", required=True, help="a NIfTI volume")
     p.add_argument("-m", "--model", required=True, help="run folder or checkpoint file")
@@ -168,6 +181,7 @@ def main(argv=None) -> int:
             "predict": _cmd_predict,
             "benchmark": _cmd_benchmark,
             "demo": _cmd_demo,
+            "bench": _cmd_bench,
         }[args.command]
         return handler(args) or 0
     except Pix2RepError as exc:
@@ -283,22 +297,34 @@ def _cmd_pretrain(args) -> int:
     from .training.common import prepare_run_dir
     from .training.pretrain import pretrain
 
+    from .training.distributed import barrier, init_from_env
+
     cfg = _resolve_config(args)
-    out = prepare_run_dir(args.out, args.resume, args.overwrite)
+    ctx = init_from_env(cfg.device)  # torchrun: one process per rank; else a no-op
+    if ctx.is_main:
+        out = prepare_run_dir(args.out, args.resume, args.overwrite)
+    barrier(ctx)
+    out = Path(args.out)
     if args.resume and (out / "config.yaml").exists() and not args.config:
         from .config import RunConfig
 
         cfg = RunConfig.load(out / "config.yaml")  # continue exactly the run that was started
-    for key, value in (("epochs", args.epochs), ("max_minutes", args.max_minutes), ("loss", args.loss), ("seed", args.seed)):
+    for key, value in (("epochs", args.epochs), ("max_minutes", args.max_minutes), ("loss", args.loss), ("seed", args.seed),
+                       ("batch_size", args.batch_size)):
         if value is not None:
             setattr(cfg.pretrain, key, value)
     if args.no_spatial:
         cfg.spatial.enabled = False
     cfg.data = str(Path(args.data).resolve()) + ("" if args.split == "all" else f" [{args.split}]")
     # 4D cine files, where present, add their other frames as unlabeled pretraining slices
+    if not ctx.is_main:
+        barrier(ctx)  # rank 0 fills the preprocessing cache first; the others then read it
     patients = _load_patients(args.data, cfg, args.cache, args.split, include_4d=True)
-    summary = pretrain(cfg, patients, out, resume=args.resume, progress=not args.no_progress)
-    print(f"done: best validation loss {summary['best_val_loss']:.4f}; run folder {out}")
+    if ctx.is_main:
+        barrier(ctx)
+    summary = pretrain(cfg, patients, out, resume=args.resume, progress=not args.no_progress, ctx=ctx)
+    if ctx.is_main:
+        print(f"done: best validation loss {summary['best_val_loss']:.4f}; run folder {out}")
     return 0
 
 
@@ -319,18 +345,22 @@ def _cmd_downstream(args) -> int:
     if args.command == "train":
         cfg = _resolve_config(args)
         cfg.downstream.mode = "random-probe" if args.random_probe else "scratch"
+        prefixes = None
     else:
         payload, path = load_checkpoint(args.model)
         if "backbone" not in payload:
             raise Pix2RepError(f"{path}: holds no backbone weights")
         cfg = RunConfig.from_dict(payload["config"])  # same architecture and preprocessing as pretraining
         backbone_state = payload["backbone"]
+        prefixes = payload.get("pretrained_prefixes", [""])
         cfg.pretrained = str(path.resolve())
         cfg.downstream.mode = args.command
         if args.protocol:
             cfg.preprocess.protocol = args.protocol
         if args.device:
             cfg.device = args.device
+    if getattr(args, "mean_teacher", False):
+        cfg.downstream.mode = "mean-teacher"
     if args.steps is not None:
         cfg.downstream.steps = args.steps
     if args.loss:
@@ -338,16 +368,27 @@ def _cmd_downstream(args) -> int:
     if args.postprocess:
         cfg.downstream.postprocess = args.postprocess
     cfg.downstream.seed = args.seed
-    out = prepare_run_dir(args.out, args.resume, args.overwrite)
+    from .training.distributed import barrier, init_from_env
+
+    ctx = init_from_env(cfg.device)  # torchrun: one process per rank; else a no-op
+    if ctx.is_main:
+        prepare_run_dir(args.out, args.resume, args.overwrite)
+    barrier(ctx)
+    out = Path(args.out)
     if args.resume and (out / "model.pt").exists():
         print(f"{out} already holds a finished model; nothing to do")
         return 0
+    if not ctx.is_main:
+        barrier(ctx)  # rank 0 fills the preprocessing cache first
     patients = _load_patients(args.data, cfg, args.cache)
+    if ctx.is_main:
+        barrier(ctx)
     split = args.split
     if split == "auto":
         split = "dev-pool" if _has_dev_ids(patients) else "all"
     if split == "dev-pool":
         patients, _ = split_development(patients)
+    unlabeled = patients if cfg.downstream.mode == "mean-teacher" else []  # labels unused
     patients = [p for p in patients if any(v.masks is not None for v in p.volumes)]
     if args.patient_ids:
         wanted = [s.strip() for s in args.patient_ids.split(",") if s.strip()]
@@ -361,14 +402,14 @@ def _cmd_downstream(args) -> int:
     cfg.patients = [p.id for p in chosen]
     cfg.data = str(Path(args.data).resolve()) + f" [{split}]"
     print(f"{cfg.downstream.mode}: {len(chosen)} annotated patient(s): {', '.join(cfg.patients)}")
-    _, summary = train_segmentation(cfg, chosen, out, backbone_state=backbone_state, progress=not args.no_progress)
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s; model {out / 'model.pt'}")
+    _, summary = train_segmentation(cfg, chosen, out, backbone_state=backbone_state, progress=not args.no_progress, ctx=ctx,
+                                    pretrained_prefixes=prefixes, unlabeled_patients=unlabeled)
+    if ctx.is_main:
+        print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s; model {out / 'model.pt'}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    import json
-
     from .data.sampling import split_development
     from .evaluation.evaluate import evaluate_patients, summarise
     from .evaluation.report import write_evaluation
@@ -407,7 +448,8 @@ def _cmd_predict(args) -> int:
     from .data.nifti import is_nifti_path
     from .data.preprocess import prepare_volume
     from .inference import list_input_volumes, load_segmentation_model, predict_prepared, write_label_nifti
-    from .training.common import atomic_write_bytes, resolve_device, versions
+    from .atomic import atomic_write_bytes
+    from .training.common import resolve_device, versions
 
     model, cfg, model_path = load_segmentation_model(args.model)
     device = resolve_device(args.device or cfg.device)
@@ -471,10 +513,21 @@ def _cmd_predict(args) -> int:
 def _cmd_benchmark(args) -> int:
     import json
 
-    from .benchmark import METHODS, cell_name, load_cells, log_invocation, machine_meta, run_cell, write_report
+    from .benchmark import (
+        METHODS,
+        PRETRAININGS,
+        cell_name,
+        load_cells,
+        log_invocation,
+        machine_meta,
+        pretraining_config,
+        run_cell,
+        write_report,
+    )
     from .config import RunConfig
     from .data.sampling import split_development
-    from .training.common import atomic_write_bytes, load_checkpoint, prepare_run_dir
+    from .atomic import atomic_write_bytes
+    from .training.common import load_checkpoint, prepare_run_dir
     from .training.pretrain import pretrain
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -491,12 +544,12 @@ def _cmd_benchmark(args) -> int:
     cfg = _resolve_config(args)
     if args.quick:
         cfg.pretrain.max_minutes = 5.0
-    backbone_state = None
-    if args.model:
+    backbones: dict = {}  # pretraining kind -> (backbone state, pretrained name prefixes)
+    if args.model:  # stands for the Pix2Rep pretraining
         payload, path = load_checkpoint(args.model)
         pre_cfg = RunConfig.from_dict(payload["config"])
         cfg.model, cfg.preprocess = pre_cfg.model, pre_cfg.preprocess
-        backbone_state = payload["backbone"]
+        backbones["pix2rep"] = (payload["backbone"], payload.get("pretrained_prefixes", [""]))
         cfg.pretrained = str(path.resolve())
     if args.steps is not None:
         cfg.downstream.steps = args.steps
@@ -512,19 +565,21 @@ def _cmd_benchmark(args) -> int:
         pool, evaluation = split_development(patients)
         if not evaluation:
             raise Pix2RepError(f"{args.data}: not the ACDC training set (no development patients); pass --eval-data")
-        eval_desc = f"the 20 held-out ACDC development patients (ED and ES)"
+        eval_desc = "the 20 held-out ACDC development patients (ED and ES)"
     stage_seconds["data preparation (this invocation)"] = time.time() - t_start
     cfg.data = str(Path(args.data).resolve())
     cfg.save(out / "config.yaml")
-    if backbone_state is None and any(METHODS[m][1] for m in methods):
+    for kind in sorted({METHODS[m][1] for m in methods} - {None} - set(backbones), key=list(PRETRAININGS).index):
         t0 = time.time()
-        pre_dir = out / "pretrain"
+        pre_dir = out / PRETRAININGS[kind][0]
         pre_dir.mkdir(exist_ok=True)
+        print(f"pretraining: {kind} -> {pre_dir}")
         # pretrain() itself knows when a resumed run has nothing left to do (epochs or time spent)
-        pretrain(cfg, pool, pre_dir, resume=(pre_dir / "last.pt").exists(), progress=not args.no_progress)
+        pretrain(pretraining_config(cfg, kind), pool, pre_dir, resume=(pre_dir / "last.pt").exists(),
+                 progress=not args.no_progress)
         payload, _ = load_checkpoint(pre_dir / "best.pt")
-        backbone_state = payload["backbone"]
-        stage_seconds["pretraining (this invocation)"] = time.time() - t0
+        backbones[kind] = (payload["backbone"], payload.get("pretrained_prefixes", [""]))
+        stage_seconds[f"pretraining {kind} (this invocation)"] = time.time() - t0
     cells_dir = out / "cells"
     cells_dir.mkdir(exist_ok=True)
     grid = [(m, n, s) for n in ns for s in seeds for m in methods if n <= len(pool)]
@@ -540,7 +595,7 @@ def _cmd_benchmark(args) -> int:
         cell_file = cells_dir / f"{cell_name(m, n, s)}.json"
         if cell_file.exists():
             continue
-        cell = run_cell(cfg, m, n, s, pool, evaluation, backbone_state, progress=not args.no_progress)
+        cell = run_cell(cfg, m, n, s, pool, evaluation, backbones, progress=not args.no_progress)
         atomic_write_bytes(cell_file, json.dumps(cell).encode())
         print(f"[{i}/{len(grid)}] {cell_name(m, n, s)}: Dice {np.mean([r['dice_mean'] for r in cell['rows']]):.3f} "
               f"({cell['train_seconds']:.0f} s training)")
@@ -564,7 +619,7 @@ def _cmd_demo(args) -> int:
         held_out = write_synthetic_dataset(root / "synthetic-eval-8-seed1", n_patients=8, seed=1)
         print(f"demo on SYNTHETIC data (generated by pix2rep, not real MRI): pool {pool}, evaluation {held_out}")
         argv = ["benchmark", "--data", str(pool), "--eval-data", str(held_out), "--preset", "tiny",
-                "--n", "1,2,5", "--seeds", "0,1", "--no-full-pool", "--steps", "150"]
+                "--n", "1,2,5", "--seeds", "0,1", "--no-full-pool", "--steps", "150", "--epochs", "10"]
     else:
         argv = ["benchmark", "--data", args.data, "--quick"]
     argv += ["--out", args.out] + ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
@@ -572,6 +627,20 @@ def _cmd_demo(args) -> int:
     argv += ["--device", args.device] if args.device else []
     argv += ["--cache", args.cache] if args.cache else []
     return _cmd_benchmark(build_parser().parse_args(argv))
+
+
+def _cmd_bench(args) -> int:
+    from .speed import format_table, measure, write_json
+
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise OutputExistsError(f"{args.out}: already exists; pass --overwrite to replace it")
+    cfg = _resolve_config(args)
+    result = measure(cfg, repeats=args.repeats, volume_path=Path(args.input) if args.input else None)
+    print(format_table(result))
+    if args.out:
+        write_json(result, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
 
 
 def _cmd_features(args) -> int:

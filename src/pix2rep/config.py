@@ -35,11 +35,16 @@ class SpatialAugmentConfig:
         self.flip_probs = tuple(float(p) for p in self.flip_probs)
 
 
+def _check_grad_clip(value) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"grad_clip must be a positive number or null, got {value!r}")
+
+
 @dataclass
 class PretrainConfig:
     """Self-supervised pretraining (METHOD sections 2 and 3)."""
 
-    loss: str = "infonce"  # "infonce" (Pix2Rep) or "barlow" (Pix2Rep-v2)
+    loss: str = "infonce"  # "infonce" (Pix2Rep), "barlow" (Pix2Rep-v2) or "simclr" (image-level baseline)
     epochs: int = 20
     batch_size: int = 8
     lr: float = 4.7e-4
@@ -49,10 +54,15 @@ class PretrainConfig:
     val_fraction: float = 0.1  # of PATIENTS, for the validation loss
     seed: int = 0
     max_minutes: Optional[float] = None  # stop after the epoch that crosses this wall time
+    grad_clip: Optional[float] = None  # clip the global gradient norm to this value (off by default)
+    # torchrun only: InfoNCE negatives from every process; SyncBatchNorm (nccl/CUDA only)
+    gather_negatives: bool = True
+    sync_batchnorm: bool = False
 
     def __post_init__(self):
-        if self.loss not in ("infonce", "barlow"):
-            raise ValueError(f"pretrain loss must be 'infonce' or 'barlow', got {self.loss!r}")
+        if self.loss not in ("infonce", "barlow", "simclr"):
+            raise ValueError(f"pretrain loss must be 'infonce', 'barlow' or 'simclr', got {self.loss!r}")
+        _check_grad_clip(self.grad_clip)
 
 
 @dataclass
@@ -84,10 +94,18 @@ class DownstreamConfig:
     patience: int = 3
     seed: int = 0
     postprocess: str = "none"  # or "largest-component": keep the largest 3D component per class
+    grad_clip: Optional[float] = None  # clip the global gradient norm to this value (off by default)
+    # Mean Teacher (mode "mean-teacher"): EMA decay, largest consistency weight, ramp-up as a
+    # fraction of the steps, unlabeled slices per step
+    mt_ema: float = 0.99
+    mt_consistency: float = 1.0
+    mt_rampup: float = 0.4
+    mt_unlabeled_batch: int = 16
 
     def __post_init__(self):
-        if self.mode not in ("probe", "finetune", "scratch", "random-probe"):
-            raise ValueError(f"mode must be probe, finetune, scratch or random-probe, got {self.mode!r}")
+        _check_grad_clip(self.grad_clip)
+        if self.mode not in ("probe", "finetune", "scratch", "random-probe", "mean-teacher"):
+            raise ValueError(f"mode must be probe, finetune, scratch, random-probe or mean-teacher, got {self.mode!r}")
         if self.loss not in ("dice", "dice-ce"):
             raise ValueError(f"loss must be 'dice' or 'dice-ce', got {self.loss!r}")
         if self.postprocess not in ("none", "largest-component"):
@@ -116,7 +134,9 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from .atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

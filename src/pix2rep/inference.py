@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .config import RunConfig
 from .data.preprocess import PreparedVolume, probabilities_to_canonical
 from .errors import Pix2RepError
 from .models import SegmentationModel, UNet
-from .training.common import autocast, load_checkpoint, load_state, resolve_device
+from .training.common import autocast, load_checkpoint, load_state
 
 
 def load_segmentation_model(model: str | Path, device="cpu") -> tuple[SegmentationModel, RunConfig, Path]:
@@ -114,6 +115,5 @@ def write_label_nifti(labels_native: np.ndarray, volume, out_path: Path) -> None
         for k, a in enumerate(axes):
             zooms[a] = volume.spacing[k]
         img.header.set_zooms(zooms)
-    tmp = out_path.with_name(out_path.name + ".tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(out_path)
+    with atomic_path(out_path) as tmp:
+        nib.save(img, str(tmp))

@@ -8,7 +8,7 @@ classifier. With widths 64..2048 and D = 1024 this is the paper's 134.9M-paramet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -81,14 +81,25 @@ class UNet(nn.Module):
             raise ValueError(
                 f"expected input (B, C, H, W) with H and W divisible by {factor}, got {tuple(x.shape)}"
             )
-        skips = []
-        for i, enc in enumerate(self.encoders):
-            x = enc(x if i == 0 else self.pool(x))
-            skips.append(x)
+        skips = self._encode(x)
         x = skips.pop()
         for i in reversed(range(self.depth - 1)):
             x = self.decoders[i](torch.cat([skips[i], self.ups[i](x)], dim=1))
         return x
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x if i == 0 else self.pool(x))
+            skips.append(x)
+        return skips
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder alone: the deepest feature map ``(B, widths[-1], H / 2^(L-1), W / 2^(L-1))``."""
+        return self._encode(x)[-1]
+
+    ENCODER_PREFIXES = ("encoders.",)
+    """Parameter-name prefixes of the encoder (what image-level pretraining trains)."""
 
 
 class ProjectionHead(nn.Module):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import save_figure
 from ..errors import DataError
 from .discover import Dataset
 from .volume import CLASS_NAMES
@@ -104,6 +105,5 @@ def write_preview(dataset: Dataset, out_png: str | Path, n_patients: int = 6, n_
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=80)
     return out_png

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import atomic_path
 
 from .preprocess import PreparedVolume, PreprocessConfig, prepare_volume
 
@@ -150,9 +151,8 @@ def _save_cache(path: Path, patients: list[PreparedPatient]) -> None:
                 entry[kind].append(meta)
         index.append(entry)
     arrays["index"] = np.frombuffer(json.dumps({"version": __version__, "patients": index}).encode(), dtype=np.uint8)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def _load_cache(path: Path) -> list[PreparedPatient]:

@@ -74,6 +74,9 @@ def load_nifti(path: str | Path, ndim: int = 3) -> tuple[np.ndarray, np.ndarray,
     if data.size == 0:
         raise DataError(path, f"holds no voxels (shape {data.shape})")
     zooms = (zooms + (1.0,) * ndim)[:ndim]
+    spatial = np.asarray(zooms[:3], dtype=float)
+    if not (np.isfinite(spatial).all() and (spatial > 0).all()):
+        raise DataError(path, f"has invalid voxel spacing {tuple(spatial.tolist())} in its header (pixdim)")
     return data, affine, zooms
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import save_figure
 from ..data.preprocess import prepare_volume
 
 
@@ -57,5 +58,4 @@ def write_feature_pca(volume_path, model, out_png, n_slices: int = 4) -> None:
         ax.axis("off")
     fig.suptitle(f"{Path(volume_path).name}: image / feature PCA (D={cfg.model.out_channels}, {Path(ckpt).parent.name})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    save_figure(fig, out_png)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import save_figure
+
 COLOURS = {1: (0.2, 0.4, 1.0), 2: (0.2, 0.9, 0.2), 3: (1.0, 0.25, 0.25)}  # RV, MYO, LV
 
 
@@ -33,5 +35,4 @@ def write_overlay(image: np.ndarray, labels: np.ndarray, out_png: Path, title: s
         ax.set_title(f"slice {z}", fontsize=7)
     fig.suptitle(title + "  [RV blue, MYO green, LV red]", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    save_figure(fig, out_png)

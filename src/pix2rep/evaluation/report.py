@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..training.common import atomic_write_bytes
+from ..atomic import atomic_write_bytes, save_figure
 from .metrics import CLASS_NAMES
 
 
@@ -89,5 +89,4 @@ def plot_dice_boxes(rows: list[dict], out_png: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    save_figure(fig, out_png)

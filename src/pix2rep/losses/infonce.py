@@ -103,6 +103,38 @@ def nt_xent(u: Tensor, v: Tensor, temperature: float = 0.53) -> Tensor:
         return F.cross_entropy(logits, targets)
 
 
+def nt_xent_gathered(u: Tensor, v: Tensor, u_all: Tensor, v_all: Tensor, offset: int, temperature: float = 0.53) -> Tensor:
+    """NT-Xent of this process's N pairs against the negatives of every process.
+
+    ``u_all``, ``v_all`` (M, C) hold the pairs of all processes, this one's at rows
+    ``offset .. offset + N``. Each of the 2N local vectors is an anchor; its candidates are the
+    2M gathered vectors except itself, its positive the counterpart in the other view:
+
+        loss = 1/(2N) sum_{i local} [ -s_{i,k(i)} + log sum_{j in all, j != i} exp(s_ij) ]
+
+    With one process (M = N, offset 0) this is :func:`nt_xent` exactly; the mean of the
+    processes' losses is NT-Xent over the whole gathered batch.
+    """
+    if u.ndim != 2 or u.shape != v.shape or u_all.shape != v_all.shape or u_all.shape[1:] != u.shape[1:]:
+        raise ValueError(
+            f"expected u, v (N, C) and u_all, v_all (M, C); got {tuple(u.shape)}, {tuple(v.shape)}, "
+            f"{tuple(u_all.shape)}, {tuple(v_all.shape)}"
+        )
+    n, m = u.shape[0], u_all.shape[0]
+    if not 0 <= offset <= m - n:
+        raise ValueError(f"offset {offset} does not place {n} local rows inside {m} gathered rows")
+    dtype = _loss_dtype(u.dtype)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        anchors = F.normalize(torch.cat([u, v]).to(dtype), dim=1)
+        candidates = F.normalize(torch.cat([u_all, v_all]).to(dtype), dim=1)
+        logits = anchors @ candidates.T / temperature
+        local = torch.arange(n, device=u.device) + offset
+        own = torch.cat([local, local + m])  # column of each anchor itself
+        positive = torch.cat([local + m, local])
+        logits = logits.masked_fill(F.one_hot(own, 2 * m).bool(), float("-inf"))
+        return F.cross_entropy(logits, positive)
+
+
 def pixel_infonce_loss(
     z1: Tensor,
     z2: Tensor,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Iterable, Optional
 import torch
 
 from .. import __version__
+from ..atomic import atomic_path, atomic_write_bytes, save_figure  # noqa: F401 (atomic_write_bytes re-exported)
 from ..config import RunConfig
 from ..errors import OutputExistsError, Pix2RepError
 
@@ -67,23 +67,10 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomically save a dict of tensors / built-in values (loadable with weights_only=True)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def versions() -> dict:
@@ -182,10 +169,7 @@ def plot_curves(rows: list[dict], out_png: Path, columns: tuple[str, ...], title
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_figure(fig, out_png)
 
 
 def optional_float(x) -> Optional[float]:

@@ -27,9 +27,11 @@ from ..errors import Pix2RepError
 from ..models import SegmentationModel, UNet
 from ..transforms import augment_intensity
 from .common import MetricsLog, autocast, plot_curves, resolve_device, save_checkpoint, versions
+from .distributed import SINGLE, DistContext, any_rank, barrier, mean_over_ranks, wrap_ddp
 
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "samples_per_s", "seconds")
 FROZEN_MODES = ("probe", "random-probe")
+MT_METRIC_COLUMNS = ("epoch", "step", "train_loss", "consistency", "weight", "seconds")
 
 
 def segmentation_loss(name: str) -> nn.Module:
@@ -67,13 +69,26 @@ def calibrate_batchnorm(backbone: nn.Module, images: torch.Tensor, device, amp: 
     backbone.eval()
 
 
-def _optimizer(model: SegmentationModel, cfg: RunConfig) -> torch.optim.Optimizer:
+def _optimizer(
+    model: SegmentationModel, cfg: RunConfig, mode: str, pretrained_prefixes: Optional[Sequence[str]] = None
+) -> torch.optim.Optimizer:
+    """Adam with METHOD's rates; in fine-tuning, backbone parameters that pretraining did not
+    train (``pretrained_prefixes``, e.g. a SimCLR decoder) get the from-scratch rate."""
     d = cfg.downstream
-    if d.mode in FROZEN_MODES:
+    if mode in FROZEN_MODES:
         return torch.optim.Adam(model.head.parameters(), lr=d.lr_probe)
-    if d.mode == "finetune":
+    if mode == "finetune":
+        prefixes = tuple(pretrained_prefixes or ("",))
+        if prefixes == ("",):
+            return torch.optim.Adam(
+                [{"params": model.backbone.parameters(), "lr": d.lr_backbone}, {"params": model.head.parameters(), "lr": d.lr_head}]
+            )
+        named = list(model.backbone.named_parameters())
+        trained = [p for n, p in named if n.startswith(prefixes)]
+        untrained = [p for n, p in named if not n.startswith(prefixes)]
         return torch.optim.Adam(
-            [{"params": model.backbone.parameters(), "lr": d.lr_backbone}, {"params": model.head.parameters(), "lr": d.lr_head}]
+            [{"params": trained, "lr": d.lr_backbone}, {"params": untrained, "lr": d.lr_scratch},
+             {"params": model.head.parameters(), "lr": d.lr_head}]
         )
     return torch.optim.Adam(model.parameters(), lr=d.lr_scratch)
 
@@ -84,6 +99,17 @@ def _forward(model: SegmentationModel, x: torch.Tensor, frozen: bool) -> torch.T
             feats = model.backbone(x)
         return model.head(feats)
     return model(x)
+
+
+class _TrainingForward(nn.Module):
+    """The training forward (frozen backbone or not) as a module, the unit DDP wraps."""
+
+    def __init__(self, model: SegmentationModel, frozen: bool):
+        super().__init__()
+        self.model, self.frozen = model, frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self.model, x, self.frozen)
 
 
 @torch.no_grad()
@@ -107,16 +133,25 @@ def train_segmentation(
     val_patients: Sequence[PreparedPatient] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    ctx: DistContext = SINGLE,
+    pretrained_prefixes: Optional[Sequence[str]] = None,
+    unlabeled_patients: Sequence[PreparedPatient] = (),
 ) -> tuple[SegmentationModel, dict]:
     """Train on the annotated slices of ``patients``; returns (model, summary).
 
     ``backbone_state`` is the pretrained backbone (probe, finetune); it must be None for
     ``scratch`` and ``random-probe``. With ``out_dir``, writes config.yaml, model.pt,
     metrics.csv and loss.png. Model selection only ever looks at ``val_patients``.
+    Under torchrun (``ctx``), each rank draws its own batches of ``batch_size``, DDP averages
+    the gradients (and broadcasts rank 0's BatchNorm buffers), and only rank 0 writes files.
     """
     from tqdm.auto import tqdm
 
     d = cfg.downstream
+    if d.mode == "mean-teacher":
+        if ctx.enabled:
+            raise Pix2RepError("Mean Teacher runs in one process (no torchrun support yet)")
+        return train_mean_teacher(cfg, patients, unlabeled_patients, out_dir, backbone_state, pretrained_prefixes, progress, log)
     if d.mode in ("probe", "finetune") and backbone_state is None:
         raise Pix2RepError(f"mode {d.mode!r} needs a pretrained model (-m)")
     if d.mode in ("scratch", "random-probe") and backbone_state is not None:
@@ -136,10 +171,13 @@ def train_segmentation(
         model.backbone.requires_grad_(False)
     if d.mode == "random-probe":
         calibrate_batchnorm(model.backbone, train.images, device, amp, memory_format)
-    optimizer = _optimizer(model, cfg)
+    optimizer = _optimizer(model, cfg, d.mode, pretrained_prefixes)
+    net = wrap_ddp(_TrainingForward(model, frozen), ctx)
     loss_fn = segmentation_loss(d.loss)
-    gen = torch.Generator(device=device).manual_seed(d.seed)
-    pick_gen = torch.Generator().manual_seed(d.seed)
+    gen = torch.Generator(device=device).manual_seed(d.seed + ctx.rank)
+    pick_gen = torch.Generator().manual_seed(d.seed + ctx.rank)
+    if not ctx.is_main:
+        out_dir, log = None, _silent
     metrics = MetricsLog(out_dir / "metrics.csv", METRIC_COLUMNS) if out_dir else None
     if out_dir:
         cfg.save(out_dir / "config.yaml")
@@ -147,7 +185,7 @@ def train_segmentation(
     log_every = max(1, min(d.eval_every, d.steps))
     best = (float("inf"), None)
     bad_evals, running, t0, t_block = 0, 0.0, time.time(), time.time()
-    bar = tqdm(range(1, d.steps + 1), desc=d.mode, disable=not progress, leave=False)
+    bar = tqdm(range(1, d.steps + 1), desc=d.mode, disable=not (progress and ctx.is_main), leave=False)
     for step in bar:
         model.train()
         if frozen:
@@ -159,12 +197,16 @@ def train_segmentation(
             x = augment_intensity(x, cfg.intensity, gen)
         x = x.contiguous(memory_format=memory_format)
         with autocast(device, amp):
-            logits = _forward(model, x, frozen)
+            logits = net(x)
         loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise Pix2RepError(f"non-finite loss ({float(loss)}) at step {step}")
+        if any_rank(not bool(torch.isfinite(loss)), ctx):
+            raise Pix2RepError(
+                f"non-finite loss ({float(loss)}) at step {step} of {d.steps}; nothing was saved from this run"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if d.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], d.grad_clip)
         optimizer.step()
         running += float(loss.detach())
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -174,9 +216,9 @@ def train_segmentation(
             row = {
                 "epoch": step // log_every,
                 "step": step,
-                "train_loss": f"{running / n_block:.6f}",
+                "train_loss": f"{mean_over_ranks(running / n_block, ctx):.6f}",
                 "val_loss": f"{val_loss:.6f}",
-                "samples_per_s": f"{n_block * d.batch_size / (time.time() - t_block):.2f}",
+                "samples_per_s": f"{n_block * d.batch_size * ctx.world / (time.time() - t_block):.2f}",
                 "seconds": f"{time.time() - t0:.1f}",
             }
             running, t_block = 0.0, time.time()
@@ -198,7 +240,108 @@ def train_segmentation(
     if out_dir:
         save_segmentation_checkpoint(out_dir / "model.pt", model, cfg, summary)
         plot_curves(metrics.rows, out_dir / "loss.png", ("train_loss", "val_loss"), f"{d.mode} ({len(patients)} patients)")
+    barrier(ctx)
     return model, summary
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def consistency_weight(step: int, cfg: RunConfig) -> float:
+    """Mean Teacher's sigmoid ramp-up, w(t) = w_max exp(-5 (1 - t)^2), t = step / ramp steps."""
+    d = cfg.downstream
+    ramp = max(1.0, d.mt_rampup * d.steps)
+    t = min(1.0, step / ramp)
+    return d.mt_consistency * float(np.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def train_mean_teacher(
+    cfg: RunConfig,
+    patients: Sequence[PreparedPatient],
+    unlabeled_patients: Sequence[PreparedPatient],
+    out_dir: Optional[Path] = None,
+    backbone_state: Optional[dict] = None,
+    pretrained_prefixes: Optional[Sequence[str]] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[SegmentationModel, dict]:
+    """Mean Teacher (Tarvainen and Valpola, 2017) on top of fine-tuning or training from scratch.
+
+    The student starts from ``backbone_state`` (learning rates of fine-tuning) or at random
+    (the baseline's rate). Each step: the supervised loss on a batch of annotated slices, plus
+    ``w(step)`` x the mean squared difference between the student's softmax on one intensity
+    view of a batch of unlabeled pool slices and the teacher's softmax on another view. The
+    teacher's weights are the exponential moving average of the student's (decay
+    ``min(1 - 1/(step + 1), mt_ema)``; BatchNorm buffers copied); the teacher is evaluated.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    d = cfg.downstream
+    if not unlabeled_patients:
+        raise Pix2RepError("Mean Teacher needs unlabeled patients (the pretraining pool)")
+    device = resolve_device(cfg.device)
+    amp = bool(cfg.bf16)
+    torch.manual_seed(d.seed)
+    train = stack_slices(patients, labeled=True)
+    pool = stack_slices(unlabeled_patients, labeled=False, include_unlabeled=True)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    student = build_segmentation_model(cfg, backbone_state).to(device, memory_format=memory_format)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    optimizer = _optimizer(student, cfg, "finetune" if backbone_state is not None else "scratch", pretrained_prefixes)
+    loss_fn = segmentation_loss(d.loss)
+    gen = torch.Generator(device=device).manual_seed(d.seed)
+    pick_gen = torch.Generator().manual_seed(d.seed)
+    metrics = MetricsLog(out_dir / "metrics.csv", MT_METRIC_COLUMNS) if out_dir else None
+    if out_dir:
+        cfg.save(out_dir / "config.yaml")
+    log_every = max(1, min(d.eval_every, d.steps))
+    sums, t0 = np.zeros(2), time.time()
+    bar = tqdm(range(1, d.steps + 1), desc="mean-teacher", disable=not progress, leave=False)
+    for step in bar:
+        student.train()
+        idx = torch.randint(len(train), (d.batch_size,), generator=pick_gen)
+        x, y = train.images[idx].to(device), train.masks[idx, None].to(device)
+        if d.augment:
+            x = augment_intensity(x, cfg.intensity, gen)
+        u = pool.images[torch.randint(len(pool), (d.mt_unlabeled_batch,), generator=pick_gen)].to(device)
+        u_student, u_teacher = augment_intensity(u, cfg.intensity, gen), augment_intensity(u, cfg.intensity, gen)
+        with autocast(device, amp):
+            logits = student(torch.cat([x, u_student]).contiguous(memory_format=memory_format))
+            with torch.no_grad():
+                target = torch.softmax(teacher(u_teacher.contiguous(memory_format=memory_format)).float(), dim=1)
+        supervised = loss_fn(logits[: len(x)].float(), y)
+        consistency = (torch.softmax(logits[len(x) :].float(), dim=1) - target).pow(2).mean()
+        loss = supervised + consistency_weight(step, cfg) * consistency
+        if not torch.isfinite(loss):
+            raise Pix2RepError(f"non-finite loss ({float(loss)}) at step {step} of {d.steps}; nothing was saved from this run")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if d.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), d.grad_clip)
+        optimizer.step()
+        decay = min(1.0 - 1.0 / (step + 1), d.mt_ema)
+        with torch.no_grad():
+            for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+                p_t.lerp_(p_s, 1.0 - decay)
+            for b_t, b_s in zip(teacher.buffers(), student.buffers()):
+                b_t.copy_(b_s)
+        sums += (float(supervised.detach()), float(consistency.detach()))
+        bar.set_postfix(sup=f"{float(supervised):.4f}", cons=f"{float(consistency):.4f}")
+        if metrics is not None and (step % log_every == 0 or step == d.steps):
+            n_block = step - (int(metrics.rows[-1]["step"]) if metrics.rows else 0)
+            metrics.append({"step": step, "epoch": step // log_every, "train_loss": f"{sums[0] / n_block:.6f}",
+                            "consistency": f"{sums[1] / n_block:.6f}", "weight": f"{consistency_weight(step, cfg):.4f}",
+                            "seconds": f"{time.time() - t0:.1f}"})
+            sums[:] = 0
+    teacher.eval()
+    summary = {"steps": d.steps, "seconds": time.time() - t0, "best_val_loss": float("nan"), "train_slices": len(train)}
+    if out_dir:
+        save_segmentation_checkpoint(out_dir / "model.pt", teacher, cfg, summary)
+        plot_curves(metrics.rows, out_dir / "loss.png", ("train_loss", "consistency"), f"mean teacher ({len(patients)} patients)")
+    return teacher, summary
 
 
 def save_segmentation_checkpoint(path: Path, model: SegmentationModel, cfg: RunConfig, summary: dict) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from ..config import RunConfig
 from ..data.dataset import PreparedPatient, SliceSet, stack_slices
 from ..errors import Pix2RepError
-from ..losses import barlow_twins, gather_positions, nt_xent, sample_valid_positions
+from ..losses import barlow_twins, gather_positions, nt_xent, nt_xent_gathered, sample_valid_positions
 from ..models import ProjectionHead, UNet
 from ..transforms import augment_intensity, sample_affine, sample_at, warp
 from .common import (
@@ -43,6 +43,7 @@ from .common import (
     save_checkpoint,
     versions,
 )
+from .distributed import SINGLE, DistContext, any_rank, barrier, gather_with_grad, mean_over_ranks, wrap_ddp
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "samples_per_s", "seconds")
 BARLOW_PIXELS = 4096  # pixel vectors per batch for the Barlow Twins statistics
@@ -59,19 +60,46 @@ def split_validation_patients(patients: Sequence[PreparedPatient], fraction: flo
 
 def build_pretraining_modules(cfg: RunConfig) -> tuple[UNet, ProjectionHead]:
     backbone = UNet(cfg.model)
-    head = ProjectionHead(cfg.model.out_channels, cfg.model.projection_hidden, cfg.model.projection_out)
+    # SimCLR projects the pooled bottleneck; Pix2Rep projects the D-dimensional pixel features
+    in_dim = cfg.model.widths[-1] if cfg.pretrain.loss == "simclr" else cfg.model.out_channels
+    head = ProjectionHead(in_dim, cfg.model.projection_hidden, cfg.model.projection_out)
     return backbone, head
 
 
-def pretrain_loss(
+def pretrained_prefixes(cfg: RunConfig) -> list[str]:
+    """Backbone parameter-name prefixes that pretraining trains ("" = all of them)."""
+    return list(UNet.ENCODER_PREFIXES) if cfg.pretrain.loss == "simclr" else [""]
+
+
+def simclr_projections(backbone, head, x, cfg: RunConfig, generator: torch.Generator, amp: bool):
+    """The image-level baseline (SimCLR): two views, each with its own intensity change and
+    affine; the encoder's bottleneck, average-pooled over space, through the head."""
+    B = x.shape[0]
+    views = []
+    for _ in range(2):
+        v = augment_intensity(x, cfg.intensity, generator)
+        theta = sample_affine(B, generator, cfg.spatial.rotation_deg, cfg.spatial.scale, cfg.spatial.flip_probs, device=x.device)
+        views.append(warp(v, theta)[0])
+    views = torch.cat(views).contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    with autocast(x.device, amp):
+        z = head(backbone.encode(views).mean(dim=(2, 3)))
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    return z[:B].to(dtype), z[B:].to(dtype)
+
+
+def pretrain_projections(
     backbone: nn.Module,
     head: nn.Module,
     x: torch.Tensor,
     cfg: RunConfig,
     generator: torch.Generator,
     amp: bool,
-) -> torch.Tensor:
-    """The self-supervised loss of one batch ``x`` (B, 1, H, W) in [0, 1] (module docstring)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-5 of the module docstring for a batch ``x`` (B, 1, H, W) in [0, 1]: the paired
+    projections ``z = g(f1 at T(p))`` and ``z' = g(f2 at p)``, (N, d) in float32 (float64 for
+    a float64 model, as the distributed test uses)."""
+    if cfg.pretrain.loss == "simclr":
+        return simclr_projections(backbone, head, x, cfg, generator, amp)
     B = x.shape[0]
     v1 = augment_intensity(x, cfg.intensity, generator)
     v2 = augment_intensity(x, cfg.intensity, generator)
@@ -89,29 +117,73 @@ def pretrain_loss(
     n = cfg.pretrain.n_samples if cfg.pretrain.loss == "infonce" else BARLOW_PIXELS
     positions = sample_valid_positions(valid, n, generator)
     # Read the N sampled vectors first, then cast: no float32 copy of whole feature maps.
-    u = sample_at(f1, theta, positions, dtype=torch.float32)
-    v = gather_positions(f2, positions).float()
+    dtype = torch.promote_types(feats.dtype, torch.float32)  # float32, or float64 for a float64 model
+    u = sample_at(f1, theta, positions, dtype=dtype)
+    v = gather_positions(f2, positions).to(dtype)
     with autocast(x.device, amp):
         z = head(torch.cat([u, v]))
-    zu, zv = z[: len(u)].float(), z[len(u) :].float()
-    if cfg.pretrain.loss == "infonce":
+    return z[: len(u)].to(dtype), z[len(u) :].to(dtype)
+
+
+def projection_loss(zu: torch.Tensor, zv: torch.Tensor, cfg: RunConfig, ctx: DistContext = SINGLE) -> torch.Tensor:
+    """Step 6. Across processes: InfoNCE takes its negatives from every rank when
+    ``gather_negatives`` is set; Barlow Twins always standardises and correlates over the
+    vectors of every rank (the statistics of the global batch)."""
+    if cfg.pretrain.loss in ("infonce", "simclr"):
+        if ctx.enabled and cfg.pretrain.gather_negatives:
+            return nt_xent_gathered(zu, zv, gather_with_grad(zu), gather_with_grad(zv), ctx.rank * len(zu), cfg.pretrain.temperature)
         return nt_xent(zu, zv, cfg.pretrain.temperature)
+    if ctx.enabled:
+        zu, zv = gather_with_grad(zu), gather_with_grad(zv)
     return barlow_twins(zu, zv, cfg.pretrain.barlow_lambda)
 
 
+def pretrain_loss(
+    backbone: nn.Module,
+    head: nn.Module,
+    x: torch.Tensor,
+    cfg: RunConfig,
+    generator: torch.Generator,
+    amp: bool,
+    ctx: DistContext = SINGLE,
+) -> torch.Tensor:
+    """The self-supervised loss of one batch ``x`` (B, 1, H, W) in [0, 1] (module docstring)."""
+    zu, zv = pretrain_projections(backbone, head, x, cfg, generator, amp)
+    return projection_loss(zu, zv, cfg, ctx)
+
+
+class PretrainNet(nn.Module):
+    """Backbone + projection head whose forward is the loss: the unit DDP wraps."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, cfg: RunConfig, amp: bool, ctx: DistContext = SINGLE):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.cfg, self.amp, self.ctx = cfg, amp, ctx
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return pretrain_loss(self.backbone, self.head, x, self.cfg, generator, self.amp, self.ctx)
+
+
 @torch.no_grad()
-def validation_loss(backbone, head, slices: SliceSet, cfg: RunConfig, device, amp: bool) -> float:
+def validation_loss(backbone, head, slices: SliceSet, cfg: RunConfig, device, amp: bool, ctx: DistContext = SINGLE) -> float:
     """Mean loss over the validation slices in eval mode, with a fixed random stream, so the
-    numbers are comparable across epochs."""
+    numbers are comparable across epochs. Across processes, each rank takes every
+    world-th batch (losses computed locally) and the means are combined."""
     backbone.eval()
     head.eval()
     gen = torch.Generator(device=device).manual_seed(12345)
     bs = cfg.pretrain.batch_size
     losses = []
-    for i in range(0, len(slices) - bs + 1, bs):
+    for k, i in enumerate(range(0, len(slices) - bs + 1, bs)):
+        if k % ctx.world != ctx.rank:
+            continue
         x = slices.images[i : i + bs].to(device, non_blocking=True)
         losses.append(float(pretrain_loss(backbone, head, x, cfg, gen, amp)))
-    return float(np.mean(losses)) if losses else float("nan")
+    if not ctx.enabled:
+        return float(np.mean(losses)) if losses else float("nan")
+    total = mean_over_ranks(float(np.sum(losses)), ctx) * ctx.world
+    count = mean_over_ranks(float(len(losses)), ctx) * ctx.world
+    return total / count if count else float("nan")
 
 
 def pretrain(
@@ -121,15 +193,25 @@ def pretrain(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    ctx: DistContext = SINGLE,
 ) -> dict:
     """Train backbone + projection head on every slice of ``patients``; write the run folder.
 
     Writes ``config.yaml``, ``best.pt`` (lowest validation loss), ``last.pt`` (every epoch,
     for ``--resume``), ``metrics.csv`` and ``loss.png``. Returns a summary dict.
+
+    With ``ctx`` from :func:`~pix2rep.training.distributed.init_from_env` (torchrun), each of
+    the ``world`` processes trains on every world-th slice of the epoch's order with its own
+    batch of ``batch_size`` (the global batch is world x batch_size), DDP averages gradients,
+    and only rank 0 writes files or logs.
     """
     from tqdm.auto import tqdm
 
+    if not ctx.is_main:
+        log = _silent  # only rank 0 speaks
     device = resolve_device(cfg.device)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     amp = bool(cfg.bf16)
     torch.manual_seed(cfg.pretrain.seed)
     train_patients, val_patients = split_validation_patients(patients, cfg.pretrain.val_fraction, cfg.pretrain.seed)
@@ -146,9 +228,11 @@ def pretrain(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone.to(device, memory_format=memory_format)
     head.to(device)
+    net = wrap_ddp(PretrainNet(backbone, head, cfg, amp, ctx), ctx, cfg.pretrain.sync_batchnorm)
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.pretrain.lr)
-    generator = torch.Generator(device=device).manual_seed(cfg.pretrain.seed)
+    # Each rank draws its own augmentations; the epoch order is shared and sharded by rank.
+    generator = torch.Generator(device=device).manual_seed(cfg.pretrain.seed + ctx.rank)
     shuffle_gen = torch.Generator().manual_seed(cfg.pretrain.seed)
 
     metrics = MetricsLog(out_dir / "metrics.csv", METRIC_COLUMNS)
@@ -158,53 +242,60 @@ def pretrain(
         load_state(backbone, state["backbone"], "backbone", path)
         load_state(head, state["projection_head"], "projection head", path)
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"]["augment"])
+        if not ctx.enabled:  # the saved stream is rank 0's; other ranks reseed (below)
+            generator.set_state(state["rng"]["augment"])
         shuffle_gen.set_state(state["rng"]["shuffle"])
         start_epoch, best_val = int(state["epoch"]), float(state["best_val"])
         elapsed_before = float(state.get("elapsed", 0.0))
         metrics.truncate(start_epoch)
         log(f"resuming after epoch {start_epoch} (best validation loss {best_val:.4f})")
-    cfg.save(out_dir / "config.yaml")
+    if ctx.is_main:
+        cfg.save(out_dir / "config.yaml")
     last_epoch = cfg.pretrain.epochs
     if cfg.pretrain.max_minutes is not None and elapsed_before / 60 >= cfg.pretrain.max_minutes:
         log(f"nothing to resume: the time budget of {cfg.pretrain.max_minutes} minutes was spent after epoch {start_epoch}")
         last_epoch = start_epoch
 
     bs = cfg.pretrain.batch_size
-    steps = len(train) // bs
+    steps = len(train) // (bs * ctx.world)
     t_run = time.time()
     for epoch in range(start_epoch + 1, last_epoch + 1):
         backbone.train()
         head.train()
         t0 = time.time()
-        order = torch.randperm(len(train), generator=shuffle_gen)
+        order = torch.randperm(len(train), generator=shuffle_gen)[ctx.rank :: ctx.world]
+        if ctx.enabled:
+            generator.manual_seed(cfg.pretrain.seed + 7919 * epoch + ctx.rank)  # resumable per rank
         running, seen = 0.0, 0
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.pretrain.epochs}", disable=not progress, leave=False)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.pretrain.epochs}", disable=not (progress and ctx.is_main), leave=False)
         for step in bar:
             x = train.images[order[step * bs : (step + 1) * bs]].to(device, non_blocking=True)
-            loss = pretrain_loss(backbone, head, x, cfg, generator, amp)
-            if not torch.isfinite(loss):
+            loss = net(x, generator)
+            if any_rank(not bool(torch.isfinite(loss)), ctx):
                 raise Pix2RepError(
                     f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step + 1}; "
                     f"the last good checkpoint is {out_dir / 'last.pt'}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.pretrain.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.pretrain.grad_clip)
             optimizer.step()
             running += float(loss.detach())
-            seen += bs
+            seen += bs * ctx.world
             bar.set_postfix(loss=f"{running / (step + 1):.4f}", slices_s=f"{seen / (time.time() - t0):.1f}")
         train_seconds = time.time() - t0
-        val_loss = validation_loss(backbone, head, val, cfg, device, amp) if val is not None else float("nan")
+        val_loss = validation_loss(backbone, head, val, cfg, device, amp, ctx) if val is not None else float("nan")
+        train_loss = mean_over_ranks(running / max(steps, 1), ctx)
         seconds = time.time() - t0
         row = {
             "epoch": epoch,
-            "train_loss": f"{running / max(steps, 1):.6f}",
+            "train_loss": f"{train_loss:.6f}",
             "val_loss": f"{val_loss:.6f}",
             "samples_per_s": f"{seen / train_seconds:.2f}",
             "seconds": f"{seconds:.1f}",
         }
-        monitored = val_loss if np.isfinite(val_loss) else running / max(steps, 1)
+        monitored = val_loss if np.isfinite(val_loss) else train_loss
         payload = {
             "kind": "pix2rep-pretrain",
             "config": cfg.to_dict(),
@@ -213,31 +304,39 @@ def pretrain(
             "projection_head": head.state_dict(),
             "epoch": epoch,
             "val_loss": float(val_loss),
+            "pretrained_prefixes": pretrained_prefixes(cfg),
         }
-        if monitored < best_val:
-            best_val = monitored
-            save_checkpoint(out_dir / "best.pt", {**payload, "best_val": best_val})
+        improved = monitored < best_val
+        best_val = min(best_val, monitored)
         elapsed = elapsed_before + time.time() - t_run
-        save_checkpoint(
-            out_dir / "last.pt",
-            {
-                **payload,
-                "best_val": best_val,
-                "optimizer": optimizer.state_dict(),
-                "rng": {"augment": generator.get_state().cpu(), "shuffle": shuffle_gen.get_state()},
-                "elapsed": elapsed,
-            },
-        )
-        metrics.append(row)
-        plot_curves(metrics.rows, out_dir / "loss.png", ("train_loss", "val_loss"), f"Pix2Rep pretraining ({cfg.pretrain.loss})")
+        if ctx.is_main:
+            if improved:
+                save_checkpoint(out_dir / "best.pt", {**payload, "best_val": best_val})
+            save_checkpoint(
+                out_dir / "last.pt",
+                {
+                    **payload,
+                    "best_val": best_val,
+                    "optimizer": optimizer.state_dict(),
+                    "rng": {"augment": generator.get_state().cpu(), "shuffle": shuffle_gen.get_state()},
+                    "elapsed": elapsed,
+                },
+            )
+            metrics.append(row)
+            plot_curves(metrics.rows, out_dir / "loss.png", ("train_loss", "val_loss"), f"pretraining ({cfg.pretrain.loss})")
         log(
             f"epoch {epoch}: train loss {row['train_loss']}, val loss {row['val_loss']}, "
             f"{row['samples_per_s']} slices/s, {row['seconds']} s"
         )
-        if cfg.pretrain.max_minutes is not None and elapsed / 60 >= cfg.pretrain.max_minutes:
+        if any_rank(cfg.pretrain.max_minutes is not None and elapsed / 60 >= cfg.pretrain.max_minutes, ctx):
             log(f"stopping after epoch {epoch}: the time budget of {cfg.pretrain.max_minutes} minutes is spent")
             break
+    barrier(ctx)  # rank 0's last files are written before anyone returns
     return {"best_val_loss": best_val, "epochs": len(metrics.rows), "out_dir": str(out_dir)}
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def load_pretrained_backbone(model: str | Path, map_location="cpu") -> tuple[UNet, RunConfig, Path]:

@@ -56,7 +56,7 @@ class IntensityAugmentConfig:
 
 
 def _uniform(batch_size: int, low: float, high: float, generator, device) -> Tensor:
-    return low + (high - low) * torch.rand(batch_size, generator=generator, device=device)
+    return low + (high - low) * torch.rand(batch_size, generator=generator, device=device, dtype=torch.float32)
 
 
 def _coin(batch_size: int, p: float, generator, device) -> Tensor:
@@ -152,7 +152,7 @@ def augment_intensity(
     sigma = _uniform(batch, 0.0, cfg.blur_sigma_max, generator, device)
     apply_noise = _coin(batch, cfg.noise_p, generator, device)
     noise_std = _uniform(batch, 0.0, cfg.noise_std_max, generator, device)
-    noise = torch.randn(x.shape, generator=generator, device=device)
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
     apply_invert = _coin(batch, cfg.invert_p, generator, device)
 
     def per_sample(values: Tensor) -> Tensor:

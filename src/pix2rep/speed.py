@@ -1,0 +1,255 @@
+"""``pix2rep bench``: throughput, FLOP utilisation and memory of one preset on this machine.
+
+Definitions (issue 7):
+
+- a pretraining *sample* is one slice, seen as two views;
+- useful FLOPs per sample = forward + backward FLOPs of the BACKBONE on the two views, counted
+  with ``torch.utils.flop_counter``; the head, the warp, the augmentation and the loss are
+  overhead;
+- utilisation = useful FLOPs x samples/s / the machine's matmul peak, measured in the same run
+  with large square matmuls (bf16, and fp32 for reference).
+
+This is a benchmark, not a test: it measures, prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write_bytes
+from .config import RunConfig
+from .losses import gather_positions, sample_valid_positions
+from .transforms import augment_intensity, sample_affine, sample_at, warp
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul (2 n^3 FLOPs), the machine's practical peak."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _timed(lambda: a @ b, device, repeats)
+    return 2 * n**3 / seconds
+
+
+def backbone_flops_per_sample(cfg: RunConfig, device: torch.device) -> int:
+    """Forward + backward FLOPs of the backbone on the two views of one slice."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import UNet
+
+    backbone = UNet(cfg.model).to(device)
+    size = cfg.preprocess.size
+    views = torch.rand(2, 1, size, size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        backbone(views).sum().backward()
+    return int(counter.get_total_flops())
+
+
+def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
+    from .training.common import autocast
+    from .training.pretrain import build_pretraining_modules, projection_loss
+
+    backbone, head = build_pretraining_modules(cfg)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    backbone.to(device, memory_format=fmt).train()
+    head.to(device).train()
+    optimizer = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=cfg.pretrain.lr)
+    gen = torch.Generator(device=device).manual_seed(0)
+    B, S = cfg.pretrain.batch_size, cfg.preprocess.size
+    x = torch.rand(B, 1, S, S, generator=gen, device=device)
+
+    def augment():
+        v1 = augment_intensity(x, cfg.intensity, gen)
+        v2 = augment_intensity(x, cfg.intensity, gen)
+        theta = sample_affine(B, gen, cfg.spatial.rotation_deg, cfg.spatial.scale, cfg.spatial.flip_probs, device=device)
+        v2, valid = warp(v2, theta)
+        return torch.cat([v1, v2]).contiguous(memory_format=fmt), theta, valid
+
+    def backbone_only(views):
+        with autocast(device, amp):
+            feats = backbone(views)
+        feats.backward(torch.ones_like(feats))  # a gradient of the features' shape, no loss ops
+
+    def full_step():
+        views, theta, valid = augment()
+        with autocast(device, amp):
+            feats = backbone(views)
+        f1, f2 = feats[:B], feats[B:]
+        positions = sample_valid_positions(valid, cfg.pretrain.n_samples, gen)
+        u = sample_at(f1, theta, positions, dtype=torch.float32)
+        v = gather_positions(f2, positions).float()
+        with autocast(device, amp):
+            z = head(torch.cat([u, v]))
+        loss = projection_loss(z[: len(u)].float(), z[len(u) :].float(), cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def optimiser_step():
+        optimizer.step()
+
+    return augment, backbone_only, full_step, optimiser_step
+
+
+def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None, log=print) -> dict:
+    """Every figure of the bench table for ``cfg`` on its device."""
+    from .training.common import resolve_device
+
+    device = resolve_device(cfg.device)
+    amp = bool(cfg.bf16)
+    torch.manual_seed(0)
+    result: dict = {"preset": cfg.preset, "device": str(device), "bf16": amp, "channels_last": cfg.channels_last,
+                    "image_size": cfg.preprocess.size, "batch_size": cfg.pretrain.batch_size,
+                    "threads": torch.get_num_threads(), "torch": str(torch.__version__), "machine": _machine(device)}
+    log("measuring matmul peaks ...")
+    result["peak_bf16_flops"] = matmul_peak_flops(device, torch.bfloat16)
+    result["peak_fp32_flops"] = matmul_peak_flops(device, torch.float32)
+    result["backbone_flops_per_sample"] = backbone_flops_per_sample(cfg, device)
+
+    log("measuring the pretraining step ...")
+    augment, backbone_only, full_step, optimiser_step = _pretraining_parts(cfg, device, amp)
+    step_s = _timed(full_step, device, repeats)
+    aug_s = _timed(augment, device, repeats)
+    views = augment()[0]
+    backbone_s = _timed(lambda: backbone_only(views), device, repeats)
+    optim_s = _timed(optimiser_step, device, repeats)
+    B = cfg.pretrain.batch_size
+    samples_per_s = B / step_s
+    result["pretrain_samples_per_s"] = samples_per_s
+    result["pretrain_step_seconds"] = step_s
+    result["step_split_seconds"] = {
+        "augmentation (2 intensity views, affine, warp)": aug_s,
+        "backbone forward + backward": backbone_s,
+        "optimiser": optim_s,
+        "sampling, warp lookup, head, loss (the rest)": max(step_s - aug_s - backbone_s - optim_s, 0.0),
+    }
+    useful = result["backbone_flops_per_sample"] * samples_per_s
+    result["useful_flops_per_s"] = useful
+    result["utilisation_vs_bf16_peak"] = useful / result["peak_bf16_flops"]
+    result["utilisation_vs_fp32_peak"] = useful / result["peak_fp32_flops"]
+
+    log("measuring downstream training ...")
+    result["downstream_slices_per_s"] = _downstream_slices_per_s(cfg, device, amp, repeats)
+    log("measuring inference ...")
+    result.update(_inference_seconds(cfg, device, amp, volume_path))
+    if device.type == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+    return result
+
+
+def _downstream_slices_per_s(cfg: RunConfig, device: torch.device, amp: bool, repeats: int) -> float:
+    from .training.common import autocast
+    from .training.downstream import build_segmentation_model, segmentation_loss
+
+    model = build_segmentation_model(cfg)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=fmt).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.downstream.lr_scratch)
+    loss_fn = segmentation_loss(cfg.downstream.loss)
+    B, S = cfg.downstream.batch_size, cfg.preprocess.size
+    x = torch.rand(B, 1, S, S, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, cfg.model.num_classes, (B, 1, S, S), device=device)
+
+    def step():
+        with autocast(device, amp):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return B / _timed(step, device, repeats)
+
+
+def _inference_seconds(cfg: RunConfig, device: torch.device, amp: bool, volume_path: Optional[Path]) -> dict:
+    """Seconds to segment one volume: preprocessing (label-free ROI) + network + back to the grid."""
+    from .data.nifti import read_nifti_volume
+    from .data.preprocess import prepare_volume
+    from .data.volume import Volume
+    from .inference import predict_prepared
+    from .models import SegmentationModel, UNet
+
+    model = SegmentationModel(UNet(cfg.model), cfg.model.num_classes).to(device).eval()
+    if volume_path is not None:
+        volume = read_nifti_volume(volume_path)
+        source = str(volume_path)
+    else:  # an ACDC-like volume: 10 slices of 216 x 256 at 1.5 x 1.5 x 10 mm
+        rng = np.random.default_rng(0)
+        image = rng.normal(200, 50, (10, 216, 256)).astype(np.float32)
+        volume = Volume(image=image, spacing=(10.0, 1.5, 1.5), affine=np.diag([1.5, 1.5, 10.0, 1.0]))
+        source = "a random 10 x 216 x 256 volume"
+
+    def run():
+        prepared = prepare_volume(volume, cfg.preprocess)
+        predict_prepared(model, prepared, device, amp)
+
+    seconds = _timed(run, device, repeats=5, warmup=1)
+    return {"inference_seconds_per_volume": seconds, "inference_volume": source,
+            "inference_volume_slices": int(volume.image.shape[0])}
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(r: dict) -> str:
+    g = 1e9
+    rows = [
+        ("machine", f"{r['machine']} ({r['device']}, {r['threads']} threads), torch {r['torch']}"),
+        ("preset / input", f"{r['preset']}, {r['image_size']} px, batch {r['batch_size']}, bf16 {r['bf16']}, channels_last {r['channels_last']}"),
+        ("matmul peak bf16 / fp32", f"{r['peak_bf16_flops'] / g:.1f} / {r['peak_fp32_flops'] / g:.1f} GFLOP/s"),
+        ("backbone FLOPs per sample (fwd+bwd, 2 views)", f"{r['backbone_flops_per_sample'] / g:.3f} GFLOP"),
+        ("pretraining", f"{r['pretrain_samples_per_s']:.1f} samples/s ({r['pretrain_step_seconds'] * 1000:.0f} ms per step)"),
+        ("utilisation vs bf16 peak", f"{100 * r['utilisation_vs_bf16_peak']:.1f} %"),
+        ("utilisation vs fp32 peak", f"{100 * r['utilisation_vs_fp32_peak']:.1f} %"),
+    ]
+    for part, secs in r["step_split_seconds"].items():
+        rows.append((f"  step: {part}", f"{secs * 1000:.0f} ms ({100 * secs / r['pretrain_step_seconds']:.0f} %)"))
+    rows += [
+        ("downstream training", f"{r['downstream_slices_per_s']:.1f} slices/s"),
+        ("inference per volume", f"{r['inference_seconds_per_volume']:.3f} s ({r['inference_volume_slices']} slices; {r['inference_volume']})"),
+        ("peak memory", f"{r['peak_memory_mb']:.0f} MB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def write_json(result: dict, path: Path) -> None:
+    atomic_write_bytes(path, json.dumps(result, indent=2).encode())

@@ -1,0 +1,107 @@
+"""The methods beyond Pix2Rep: SimCLR pretraining, Mean Teacher, invariance ablation, Pix2Rep-v2."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pix2rep.cli import main
+from pix2rep.config import preset_config
+from pix2rep.models import SegmentationModel, UNet
+from pix2rep.training.downstream import _optimizer, consistency_weight
+from pix2rep.training.pretrain import build_pretraining_modules, pretrain_loss, pretrained_prefixes
+
+
+def test_simclr_trains_the_encoder_only_and_starts_near_log_2b_minus_1():
+    cfg = preset_config("tiny", pretrain={"loss": "simclr"})
+    torch.manual_seed(0)
+    backbone, head = build_pretraining_modules(cfg)
+    x = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    loss = pretrain_loss(backbone, head, x, cfg, torch.Generator().manual_seed(1), amp=False)
+    # 16 vectors from an untrained network: NT-Xent is near log(2B - 1) = log(15)
+    assert abs(float(loss) - math.log(15)) < 0.5
+    loss.backward()
+    for name, p in backbone.named_parameters():
+        if name.startswith("encoders."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name  # decoder and upsampling never see the SimCLR loss
+    assert pretrained_prefixes(cfg) == ["encoders."]
+    assert pretrained_prefixes(preset_config("tiny")) == [""]
+
+
+def test_finetuning_gives_untrained_backbone_parts_the_scratch_rate():
+    cfg = preset_config("tiny")
+    model = SegmentationModel(UNet(cfg.model), cfg.model.num_classes)
+    whole = _optimizer(model, cfg, "finetune", [""])
+    assert [g["lr"] for g in whole.param_groups] == [cfg.downstream.lr_backbone, cfg.downstream.lr_head]
+    split = _optimizer(model, cfg, "finetune", ["encoders."])
+    lrs = [g["lr"] for g in split.param_groups]
+    assert lrs == [cfg.downstream.lr_backbone, cfg.downstream.lr_scratch, cfg.downstream.lr_head]
+    n_encoder = sum(1 for n, _ in model.backbone.named_parameters() if n.startswith("encoders."))
+    assert len(split.param_groups[0]["params"]) == n_encoder
+    assert sum(len(g["params"]) for g in split.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, math.exp(-5.0)), (20, math.exp(-5.0 * 0.25)), (40, 1.0), (100, 1.0)],  # ramp over 0.4 x 100 steps
+)
+def test_mean_teacher_consistency_ramp(step, expected):
+    cfg = preset_config("tiny", downstream={"steps": 100, "mt_rampup": 0.4, "mt_consistency": 1.0})
+    assert consistency_weight(step, cfg) == pytest.approx(expected)
+
+
+def test_invariance_ablation_pairs_the_same_pixel_in_both_views():
+    """With the spatial transform off (and here every intensity change off too), the two views
+    are the same image, so each positive pair is one vector twice."""
+    from pix2rep.training.pretrain import pretrain_projections
+
+    no_change = {k: 0.0 for k in ("noise_p", "blur_p", "gamma_p", "bias_p", "invert_p")}
+    cfg = preset_config("tiny", spatial={"enabled": False}, intensity=no_change)
+    torch.manual_seed(0)
+    backbone, head = build_pretraining_modules(cfg)
+    backbone.eval()
+    head.eval()
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    zu, zv = pretrain_projections(backbone, head, x, cfg, torch.Generator().manual_seed(1), amp=False)
+    torch.testing.assert_close(zu, zv, atol=1e-5, rtol=0)
+    with_geometry = preset_config("tiny", intensity=no_change)
+    zu, zv = pretrain_projections(backbone, head, x, with_geometry, torch.Generator().manual_seed(1), amp=False)
+    assert (zu - zv).abs().max() > 1e-3  # a real transform: features read at T(p), not p
+
+
+def test_benchmark_runs_the_extra_methods_by_name(synthetic_root, tmp_path):
+    from pix2rep.data.synthetic import write_synthetic_dataset
+
+    held_out = write_synthetic_dataset(tmp_path / "eval", n_patients=2, seed=7)
+    out = tmp_path / "study"
+    methods = "pix2rep-v2-lp,pix2rep-mt,baseline-mt,simclr-ft,simclr-lp,invariance-ft"
+    assert main(["benchmark", "--data", str(synthetic_root), "--eval-data", str(held_out), "--preset", "tiny",
+                 "--epochs", "1", "--methods", methods, "--n", "1", "--seeds", "0", "--no-full-pool", "--steps", "6",
+                 "--out", str(out), "--no-progress"]) == 0
+    for folder in ("pretrain", "pretrain-v2", "pretrain-simclr", "pretrain-invariance"):  # pretrain: for pix2rep-mt
+        assert (out / folder / "best.pt").is_file(), folder
+    assert "simclr" in (out / "pretrain-simclr" / "config.yaml").read_text()
+    cells = sorted(p.stem for p in (out / "cells").glob("*.json"))
+    assert cells == sorted(f"{m}-N1-s0" for m in methods.split(","))
+    report = (out / "REPORT.md").read_text()
+    assert "SimCLR (image-level) fine-tuning" in report and "baseline + Mean Teacher" in report
+    assert "downstream training + evaluation, baseline-mt" in report
+
+
+def test_finetune_and_train_take_mean_teacher(synthetic_root, tmp_path):
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--epochs", "1", "--out", str(pre),
+                 "--no-progress"]) == 0
+    for command in (["finetune", "-m", str(pre)], ["train", "--preset", "tiny"]):
+        out = tmp_path / command[0]
+        assert main(command + ["--mean-teacher", "--data", str(synthetic_root), "--patients", "1", "--steps", "4",
+                               "--out", str(out), "--no-progress"]) == 0
+        rows = (out / "metrics.csv").read_text().splitlines()
+        assert rows[0].split(",")[:4] == ["epoch", "step", "train_loss", "consistency"]
+        assert np.isfinite(float(rows[-1].split(",")[3]))
+        assert (out / "model.pt").is_file()
