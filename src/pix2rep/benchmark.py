@@ -363,15 +363,11 @@ def machine_meta() -> dict:
         commit = "unknown"
     from . import __version__
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import os
+
+    from .speed import cpu_model_name
+
+    cpu = cpu_model_name()
 
     return {"machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()}", "torch": str(torch.__version__),
             "version": __version__, "commit": commit, "command": "pix2rep " + " ".join(sys.argv[1:])}

@@ -297,7 +297,7 @@ def _cmd_pretrain(args) -> int:
     from .training.common import prepare_run_dir
     from .training.pretrain import pretrain
 
-    from .training.distributed import barrier, init_from_env
+    from .training.distributed import barrier, init_from_env, rank0_first
 
     cfg = _resolve_config(args)
     ctx = init_from_env(cfg.device)  # torchrun: one process per rank; else a no-op
@@ -317,11 +317,8 @@ def _cmd_pretrain(args) -> int:
         cfg.spatial.enabled = False
     cfg.data = str(Path(args.data).resolve()) + ("" if args.split == "all" else f" [{args.split}]")
     # 4D cine files, where present, add their other frames as unlabeled pretraining slices
-    if not ctx.is_main:
-        barrier(ctx)  # rank 0 fills the preprocessing cache first; the others then read it
-    patients = _load_patients(args.data, cfg, args.cache, args.split, include_4d=True)
-    if ctx.is_main:
-        barrier(ctx)
+    # rank 0 fills the preprocessing cache first; the others then read it
+    patients = rank0_first(ctx, lambda: _load_patients(args.data, cfg, args.cache, args.split, include_4d=True))
     summary = pretrain(cfg, patients, out, resume=args.resume, progress=not args.no_progress, ctx=ctx)
     if ctx.is_main:
         print(f"done: best validation loss {summary['best_val_loss']:.4f}; run folder {out}")
@@ -368,7 +365,7 @@ def _cmd_downstream(args) -> int:
     if args.postprocess:
         cfg.downstream.postprocess = args.postprocess
     cfg.downstream.seed = args.seed
-    from .training.distributed import barrier, init_from_env
+    from .training.distributed import barrier, init_from_env, rank0_first
 
     ctx = init_from_env(cfg.device)  # torchrun: one process per rank; else a no-op
     if ctx.is_main:
@@ -378,11 +375,7 @@ def _cmd_downstream(args) -> int:
     if args.resume and (out / "model.pt").exists():
         print(f"{out} already holds a finished model; nothing to do")
         return 0
-    if not ctx.is_main:
-        barrier(ctx)  # rank 0 fills the preprocessing cache first
-    patients = _load_patients(args.data, cfg, args.cache)
-    if ctx.is_main:
-        barrier(ctx)
+    patients = rank0_first(ctx, lambda: _load_patients(args.data, cfg, args.cache))
     split = args.split
     if split == "auto":
         split = "dev-pool" if _has_dev_ids(patients) else "all"

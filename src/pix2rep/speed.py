@@ -26,8 +26,7 @@ import torch
 
 from .atomic import atomic_write_bytes
 from .config import RunConfig
-from .losses import gather_positions, sample_valid_positions
-from .transforms import augment_intensity, sample_affine, sample_at, warp
+from .transforms import augment_intensity, sample_affine, warp
 
 
 def _sync(device: torch.device) -> None:
@@ -74,7 +73,7 @@ def backbone_flops_per_sample(cfg: RunConfig, device: torch.device) -> int:
 
 def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
     from .training.common import autocast
-    from .training.pretrain import build_pretraining_modules, projection_loss
+    from .training.pretrain import build_pretraining_modules, pretrain_loss
 
     backbone, head = build_pretraining_modules(cfg)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -97,17 +96,8 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
             feats = backbone(views)
         feats.backward(torch.ones_like(feats))  # a gradient of the features' shape, no loss ops
 
-    def full_step():
-        views, theta, valid = augment()
-        with autocast(device, amp):
-            feats = backbone(views)
-        f1, f2 = feats[:B], feats[B:]
-        positions = sample_valid_positions(valid, cfg.pretrain.n_samples, gen)
-        u = sample_at(f1, theta, positions, dtype=torch.float32)
-        v = gather_positions(f2, positions).float()
-        with autocast(device, amp):
-            z = head(torch.cat([u, v]))
-        loss = projection_loss(z[: len(u)].float(), z[len(u) :].float(), cfg)
+    def full_step():  # exactly the training loop's step
+        loss = pretrain_loss(backbone, head, x, cfg, gen, amp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -218,8 +208,10 @@ def _inference_seconds(cfg: RunConfig, device: torch.device, amp: bool, volume_p
 
 
 def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
+
+
+def cpu_model_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

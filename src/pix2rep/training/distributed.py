@@ -109,6 +109,16 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def rank0_first(ctx: DistContext, fn):
+    """Run ``fn`` on rank 0 first, then on the other ranks (e.g. rank 0 fills a cache they read)."""
+    if not ctx.is_main:
+        barrier(ctx)
+    result = fn()
+    if ctx.is_main:
+        barrier(ctx)
+    return result
+
+
 def wrap_ddp(module: torch.nn.Module, ctx: DistContext, sync_batchnorm: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around ``module`` (returned unchanged in a single process)."""
     if not ctx.enabled:
