@@ -153,6 +153,10 @@ def test_benchmark_killed_with_sigkill_never_recomputes_a_finished_cell(syntheti
     assert all(cells[name] == mtime for name, mtime in finished.items())
     report = (out / "REPORT.md").read_text()
     assert "continued with" in report and "SYNTHETIC" in report
+    # each invocation records the commit it ran (a resume may run later code)
+    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert len(invocations) == 2 and all(inv["commit"] for inv in invocations)
+    assert f"commit `{invocations[1]['commit']}`" in report
     assert _no_temporary_files(out) == []
 
 

@@ -123,8 +123,10 @@ def run_cell(
 
 
 def log_invocation(out: Path) -> None:
-    """Append this command line to ``invocations.jsonl``: the report names the first, and any resumes."""
-    entry = {"command": "pix2rep " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    """Append this command line and the code's commit to ``invocations.jsonl``: the report names the
+    first, and any resumes (which may run a later commit)."""
+    entry = {"command": "pix2rep " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+             "commit": git_commit()}
     with open(out / "invocations.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -315,8 +317,10 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
     lines += ["", "![Dice versus N](dice_vs_n.png)", "", "## How this was produced", "",
               f"- command: `{first}`"]
     for inv in invocations[1:]:
-        lines.append(f"- continued with: `{inv['command']}` ({inv['started']})")
-    lines += [f"- git commit: `{meta.get('commit')}`",
+        at = f", commit `{inv['commit']}`" if "commit" in inv else ""
+        lines.append(f"- continued with: `{inv['command']}` ({inv['started']}{at})")
+    first_commit = (invocations[0].get("commit") if invocations else None) or meta.get("commit")
+    lines += [f"- git commit: `{first_commit}`" + (" (of the first command)" if len(invocations) > 1 else ""),
               f"- machine: {meta.get('machine')}", f"- torch {meta.get('torch')}, pix2rep {meta.get('version')}",
               f"- downstream budget: {meta.get('budget')}"]
     for stage, secs in {**total_stage_seconds(out, cells), **meta.get("stage_seconds", {})}.items():
@@ -350,17 +354,22 @@ def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str =
     save_figure(fig, out_png)
 
 
-def machine_meta() -> dict:
-    import torch
-
+def git_commit() -> str:
+    """The short commit of the code that runs, marked when the tree has uncommitted changes."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
+        return commit + (" (with uncommitted changes)" if dirty else "")
     except Exception:
-        commit = "unknown"
+        return "unknown"
+
+
+def machine_meta() -> dict:
+    import torch
+
+    commit = git_commit()
     from . import __version__
 
     import os

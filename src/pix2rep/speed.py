@@ -110,12 +110,13 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
 
 def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None, log=print) -> dict:
     """Every figure of the bench table for ``cfg`` on its device."""
-    from .training.common import resolve_device
+    from .training.common import keep_freed_memory, resolve_device
 
     device = resolve_device(cfg.device)
     amp = bool(cfg.bf16)
     torch.manual_seed(0)
     result: dict = {"preset": cfg.preset, "device": str(device), "bf16": amp, "channels_last": cfg.channels_last,
+                    "keep_freed_memory": keep_freed_memory(),
                     "image_size": cfg.preprocess.size, "batch_size": cfg.pretrain.batch_size,
                     "threads": torch.get_num_threads(), "torch": str(torch.__version__), "machine": _machine(device)}
     log("measuring matmul peaks ...")
@@ -225,7 +226,8 @@ def format_table(r: dict) -> str:
     g = 1e9
     rows = [
         ("machine", f"{r['machine']} ({r['device']}, {r['threads']} threads), torch {r['torch']}"),
-        ("preset / input", f"{r['preset']}, {r['image_size']} px, batch {r['batch_size']}, bf16 {r['bf16']}, channels_last {r['channels_last']}"),
+        ("preset / input", f"{r['preset']}, {r['image_size']} px, batch {r['batch_size']}, bf16 {r['bf16']}, channels_last {r['channels_last']}, "
+                           f"keep_freed_memory {r.get('keep_freed_memory')}"),
         ("matmul peak bf16 / fp32", f"{r['peak_bf16_flops'] / g:.1f} / {r['peak_fp32_flops'] / g:.1f} GFLOP/s"),
         ("backbone FLOPs per sample (fwd+bwd, 2 views)", f"{r['backbone_flops_per_sample'] / g:.3f} GFLOP"),
         ("pretraining", f"{r['pretrain_samples_per_s']:.1f} samples/s ({r['pretrain_step_seconds'] * 1000:.0f} ms per step)"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -32,6 +34,35 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Pix2RepError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+_ALLOCATOR_TUNED: Optional[bool] = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    By default every buffer above 32 MB (and, after frees, many smaller ones) is mmap-ed and
+    unmapped again, so each training step pays page faults and the kernel's zeroing for every
+    activation and gradient it allocates: on the 2-core CPU this was a large share of the time
+    that looked like elementwise work (ReLU backward, fills). ``mallopt(M_MMAP_MAX, 0)`` serves
+    all sizes from the heap and ``M_TRIM_THRESHOLD`` keeps freed heap memory; the numbers
+    computed do not change. Process-wide and idempotent; returns whether it is in effect: False
+    where malloc is not glibc's (macOS, musl) or with ``PIX2REP_KEEP_FREED_MEMORY=0`` in the
+    environment (the escape hatch, and how ``pix2rep bench`` measures the difference).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is None:
+        _ALLOCATOR_TUNED = False
+        wanted = os.environ.get("PIX2REP_KEEP_FREED_MEMORY", "1") != "0"
+        if wanted and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+                M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+                _ALLOCATOR_TUNED = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+            except (AttributeError, OSError):
+                pass
+    return _ALLOCATOR_TUNED
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -26,7 +26,7 @@ from ..data.dataset import PreparedPatient, stack_slices
 from ..errors import Pix2RepError
 from ..models import SegmentationModel, UNet
 from ..transforms import augment_intensity
-from .common import MetricsLog, autocast, plot_curves, resolve_device, save_checkpoint, versions
+from .common import MetricsLog, autocast, keep_freed_memory, plot_curves, resolve_device, save_checkpoint, versions
 from .distributed import SINGLE, DistContext, any_rank, barrier, mean_over_ranks, wrap_ddp
 
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "samples_per_s", "seconds")
@@ -148,6 +148,7 @@ def train_segmentation(
     from tqdm.auto import tqdm
 
     d = cfg.downstream
+    keep_freed_memory()
     if d.mode == "mean-teacher":
         if ctx.enabled:
             raise Pix2RepError("Mean Teacher runs in one process (no torchrun support yet)")

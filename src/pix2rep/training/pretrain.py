@@ -36,6 +36,7 @@ from ..transforms import augment_intensity, sample_affine, sample_at, warp
 from .common import (
     MetricsLog,
     autocast,
+    keep_freed_memory,
     load_checkpoint,
     load_state,
     plot_curves,
@@ -112,14 +113,15 @@ def pretrain_projections(
     v2, valid = warp(v2, theta)
     views = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     with autocast(x.device, amp):
-        feats = backbone(views)
-    f1, f2 = feats[:B], feats[B:]
+        feats = backbone(views)  # rows 0..B-1: f1 = f(v1); rows B..2B-1: f2 = f(v2')
     n = cfg.pretrain.n_samples if cfg.pretrain.loss == "infonce" else BARLOW_PIXELS
-    positions = sample_valid_positions(valid, n, generator)
+    b, y, px = sample_valid_positions(valid, n, generator)
     # Read the N sampled vectors first, then cast: no float32 copy of whole feature maps.
+    # Both reads index ``feats`` itself (rows b and B + b) rather than slices of it, so that
+    # the gradient reaches the backbone in the features' memory format (channels_last).
     dtype = torch.promote_types(feats.dtype, torch.float32)  # float32, or float64 for a float64 model
-    u = sample_at(f1, theta, positions, dtype=dtype)
-    v = gather_positions(f2, positions).to(dtype)
+    u = sample_at(feats, theta, (b, y, px), dtype=dtype)
+    v = gather_positions(feats, (b + B, y, px)).to(dtype)
     with autocast(x.device, amp):
         z = head(torch.cat([u, v]))
     return z[: len(u)].to(dtype), z[len(u) :].to(dtype)
@@ -212,6 +214,7 @@ def pretrain(
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    keep_freed_memory()
     amp = bool(cfg.bf16)
     torch.manual_seed(cfg.pretrain.seed)
     train_patients, val_patients = split_validation_patients(patients, cfg.pretrain.val_fraction, cfg.pretrain.seed)

@@ -182,7 +182,8 @@ def warp(x: Tensor, theta: Tensor, mode: str = "bilinear") -> tuple[Tensor, Tens
 def sample_at(features: Tensor, theta: Tensor, positions: Positions, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Bilinear lookup of ``features`` (B, C, H, W) at the sources ``T(p)`` of output pixels ``p``.
 
-    ``positions = (b, y, x)`` are integer output positions. Returns ``(N, C)``, equal to
+    ``positions = (b, y, x)`` are integer output positions; row ``b`` of ``features`` is read
+    with ``theta[b]`` (``features`` may hold more rows than ``theta``). Returns ``(N, C)``, equal to
     ``warp(features, theta)[0][b, :, y, x]`` (same zero padding) while reading only 4 N pixel
     vectors instead of warping whole feature maps. Differentiable with respect to ``features``.
     The result has ``dtype`` (default: the features' own); the interpolation itself always runs
@@ -196,6 +197,9 @@ def sample_at(features: Tensor, theta: Tensor, positions: Positions, dtype: Opti
     row0, col0 = torch.floor(row), torch.floor(col)
     weight_row1, weight_col1 = row - row0, col - col0
     row0, col0 = row0.long(), col0.long()
+    # Index the (B, H, W, C) view: for channels_last features it is the memory order, so the
+    # gradient of these lookups comes back channels_last too (see losses.gather_positions).
+    pixels = features.permute(0, 2, 3, 1)
 
     result = 0
     for d_row, weight_row in ((0, 1 - weight_row1), (1, weight_row1)):
@@ -203,6 +207,6 @@ def sample_at(features: Tensor, theta: Tensor, positions: Positions, dtype: Opti
             r, c = row0 + d_row, col0 + d_col
             # Neighbours outside the image contribute zero, as grid_sample's zero padding.
             inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-            values = features[b, :, r.clamp(0, height - 1), c.clamp(0, width - 1)].to(compute_dtype)
+            values = pixels[b, r.clamp(0, height - 1), c.clamp(0, width - 1)].to(compute_dtype)
             result = result + values * (weight_row * weight_col * inside)[:, None]
     return result.to(dtype or features.dtype)
