@@ -45,6 +45,20 @@ def test_existing_run_folder_is_refused_then_resumed(pretrained, synthetic_root,
     assert [r["epoch"] for r in rows] == ["1", "2"]
 
 
+def test_resume_without_checkpoints_starts_a_fresh_metrics_table(pretrained, synthetic_root, tmp_path):
+    """A committed study keeps metrics.csv but not the .pt files: re-pretraining there must not
+    append a second epoch 1 to the old table."""
+    kept = tmp_path / "pre"
+    kept.mkdir()
+    for name in ("config.yaml", "metrics.csv"):
+        (kept / name).write_bytes((pretrained / name).read_bytes())
+    args = ["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--epochs", "1", "--out", str(kept),
+            "--no-progress", "--resume"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(kept / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+
+
 def test_overwrite_only_deletes_run_folders(tmp_path):
     other = tmp_path / "precious"
     other.mkdir()

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pix2rep.cli import main
+from pix2rep.training.common import bf16_is_native
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -57,12 +59,18 @@ def test_bench_writes_its_table_and_json(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--repeats", "1", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
-    for key in ("pretrain_samples_per_s", "utilisation_vs_bf16_peak", "downstream_slices_per_s",
+    for key in ("pretrain_samples_per_s", "utilisation_vs_fp32_peak", "downstream_slices_per_s",
                 "inference_seconds_per_volume", "peak_memory_mb", "backbone_flops_per_sample"):
         assert result[key] > 0, key
     # utilisation is its definition: useful FLOPs x samples/s / measured peak
-    expected = result["backbone_flops_per_sample"] * result["pretrain_samples_per_s"] / result["peak_bf16_flops"]
-    assert result["utilisation_vs_bf16_peak"] == pytest.approx(expected)
+    useful = result["backbone_flops_per_sample"] * result["pretrain_samples_per_s"]
+    assert result["utilisation_vs_fp32_peak"] == pytest.approx(useful / result["peak_fp32_flops"])
+    # bf16 is measured and used only where the CPU has it natively
+    assert result["bf16"] is bf16_is_native(torch.device("cpu"))
+    if result["bf16"]:
+        assert result["utilisation_vs_bf16_peak"] == pytest.approx(useful / result["peak_bf16_flops"])
+    else:
+        assert result["peak_bf16_flops"] is None and result["utilisation_vs_bf16_peak"] is None
     assert "samples/s" in table and "utilisation vs bf16 peak" in table
     # an existing file is refused without --overwrite, and left as it was
     before = out.read_bytes()
@@ -102,3 +110,25 @@ def test_pretraining_sends_channels_last_gradients_into_the_backbone():
     pretrain_loss(backbone, head, x, cfg, torch.Generator().manual_seed(0), amp=True).backward()
     assert len(seen) == 1 and seen[0].shape == (8, cfg.model.out_channels, 32, 32)
     assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("native, requested, expected", [
+    (True, True, torch.bfloat16),
+    (True, False, torch.float32),
+    (False, True, torch.float32),  # emulated bf16 is hundreds of times slower: fp32 instead
+    (False, False, torch.float32),
+])
+def test_bf16_autocast_only_where_the_device_computes_bf16_natively(monkeypatch, native, requested, expected):
+    from pix2rep.training import common
+
+    monkeypatch.setattr(common, "bf16_is_native", lambda device: native)
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with common.autocast(torch.device("cpu"), requested):
+        assert layer(x).dtype == expected
+    assert common.use_bf16(requested, torch.device("cpu")) is (expected == torch.bfloat16)
+
+
+def test_this_cpu_reports_its_bf16_support_as_mkldnn_does():
+    from pix2rep.training.common import bf16_is_native
+
+    assert bf16_is_native(torch.device("cpu")) is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -110,17 +110,18 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
 
 def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None, log=print) -> dict:
     """Every figure of the bench table for ``cfg`` on its device."""
-    from .training.common import keep_freed_memory, resolve_device
+    from .training.common import keep_freed_memory, resolve_device, use_bf16
 
     device = resolve_device(cfg.device)
-    amp = bool(cfg.bf16)
+    amp = use_bf16(cfg.bf16, device)  # a device without native bf16 trains in fp32
     torch.manual_seed(0)
     result: dict = {"preset": cfg.preset, "device": str(device), "bf16": amp, "channels_last": cfg.channels_last,
                     "keep_freed_memory": keep_freed_memory(),
                     "image_size": cfg.preprocess.size, "batch_size": cfg.pretrain.batch_size,
                     "threads": torch.get_num_threads(), "torch": str(torch.__version__), "machine": _machine(device)}
     log("measuring matmul peaks ...")
-    result["peak_bf16_flops"] = matmul_peak_flops(device, torch.bfloat16)
+    # emulated bf16 would take minutes per matmul and is never used for training there
+    result["peak_bf16_flops"] = matmul_peak_flops(device, torch.bfloat16) if amp else None
     result["peak_fp32_flops"] = matmul_peak_flops(device, torch.float32)
     result["backbone_flops_per_sample"] = backbone_flops_per_sample(cfg, device)
 
@@ -143,7 +144,7 @@ def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None
     }
     useful = result["backbone_flops_per_sample"] * samples_per_s
     result["useful_flops_per_s"] = useful
-    result["utilisation_vs_bf16_peak"] = useful / result["peak_bf16_flops"]
+    result["utilisation_vs_bf16_peak"] = useful / result["peak_bf16_flops"] if amp else None
     result["utilisation_vs_fp32_peak"] = useful / result["peak_fp32_flops"]
 
     log("measuring downstream training ...")
@@ -222,16 +223,24 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _gflops(flops: Optional[float]) -> str:
+    return "n/a (no native bf16: training runs in fp32)" if flops is None else f"{flops / 1e9:.1f}"
+
+
+def _percent(fraction: Optional[float]) -> str:
+    return "n/a (no native bf16)" if fraction is None else f"{100 * fraction:.1f} %"
+
+
 def format_table(r: dict) -> str:
     g = 1e9
     rows = [
         ("machine", f"{r['machine']} ({r['device']}, {r['threads']} threads), torch {r['torch']}"),
         ("preset / input", f"{r['preset']}, {r['image_size']} px, batch {r['batch_size']}, bf16 {r['bf16']}, channels_last {r['channels_last']}, "
                            f"keep_freed_memory {r.get('keep_freed_memory')}"),
-        ("matmul peak bf16 / fp32", f"{r['peak_bf16_flops'] / g:.1f} / {r['peak_fp32_flops'] / g:.1f} GFLOP/s"),
+        ("matmul peak bf16 / fp32", f"{_gflops(r['peak_bf16_flops'])} / {_gflops(r['peak_fp32_flops'])} GFLOP/s"),
         ("backbone FLOPs per sample (fwd+bwd, 2 views)", f"{r['backbone_flops_per_sample'] / g:.3f} GFLOP"),
         ("pretraining", f"{r['pretrain_samples_per_s']:.1f} samples/s ({r['pretrain_step_seconds'] * 1000:.0f} ms per step)"),
-        ("utilisation vs bf16 peak", f"{100 * r['utilisation_vs_bf16_peak']:.1f} %"),
+        ("utilisation vs bf16 peak", _percent(r["utilisation_vs_bf16_peak"])),
         ("utilisation vs fp32 peak", f"{100 * r['utilisation_vs_fp32_peak']:.1f} %"),
     ]
     for part, secs in r["step_split_seconds"].items():

@@ -65,9 +65,37 @@ def keep_freed_memory() -> bool:
     return _ALLOCATOR_TUNED
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware.
+
+    A CPU without AVX-512-BF16 or AMX (AVX2-only x86, for one) emulates bf16 convolutions and
+    matmuls: measured on a 2-core AVX2 EPYC, a 2048^3 bf16 matmul ran at 0.28 GFLOP/s against
+    106 GFLOP/s in fp32. There, autocast would make training hundreds of times slower.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def use_bf16(requested: bool, device: torch.device) -> bool:
+    """bf16 autocast is used when the config asks for it and the device computes bf16 natively."""
+    return bool(requested) and bf16_is_native(device)
+
+
+def precision_note(requested: bool, used: bool) -> str:
+    """For the log: which precision runs, and why bf16 was dropped if it was."""
+    if used:
+        return "bf16 autocast"
+    return "fp32 (this device has no native bf16)" if requested else "fp32"
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU and CUDA (a no-op context when disabled)."""
-    if not enabled:
+    """bf16 autocast on CPU and CUDA; a no-op context when disabled or when the device has no
+    native bf16 (then fp32 is both faster and exact)."""
+    if not use_bf16(enabled, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

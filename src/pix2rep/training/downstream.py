@@ -26,7 +26,7 @@ from ..data.dataset import PreparedPatient, stack_slices
 from ..errors import Pix2RepError
 from ..models import SegmentationModel, UNet
 from ..transforms import augment_intensity
-from .common import MetricsLog, autocast, keep_freed_memory, plot_curves, resolve_device, save_checkpoint, versions
+from .common import MetricsLog, autocast, keep_freed_memory, plot_curves, resolve_device, save_checkpoint, use_bf16, versions
 from .distributed import SINGLE, DistContext, any_rank, barrier, mean_over_ranks, wrap_ddp
 
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "samples_per_s", "seconds")
@@ -160,7 +160,7 @@ def train_segmentation(
     if d.stopping == "validation" and not val_patients:
         raise Pix2RepError("stopping='validation' needs validation patients (downstream.val_patients > 0)")
     device = resolve_device(cfg.device)
-    amp = bool(cfg.bf16)
+    amp = use_bf16(cfg.bf16, device)
     torch.manual_seed(d.seed)
     train = stack_slices(patients, labeled=True)
     val = stack_slices(val_patients, labeled=True) if val_patients else None
@@ -284,7 +284,7 @@ def train_mean_teacher(
     if not unlabeled_patients:
         raise Pix2RepError("Mean Teacher needs unlabeled patients (the pretraining pool)")
     device = resolve_device(cfg.device)
-    amp = bool(cfg.bf16)
+    amp = use_bf16(cfg.bf16, device)
     torch.manual_seed(d.seed)
     train = stack_slices(patients, labeled=True)
     pool = stack_slices(unlabeled_patients, labeled=False, include_unlabeled=True)

@@ -42,6 +42,8 @@ from .common import (
     plot_curves,
     resolve_device,
     save_checkpoint,
+    precision_note,
+    use_bf16,
     versions,
 )
 from .distributed import SINGLE, DistContext, any_rank, barrier, gather_with_grad, mean_over_ranks, wrap_ddp
@@ -215,7 +217,7 @@ def pretrain(
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     keep_freed_memory()
-    amp = bool(cfg.bf16)
+    amp = use_bf16(cfg.bf16, device)
     torch.manual_seed(cfg.pretrain.seed)
     train_patients, val_patients = split_validation_patients(patients, cfg.pretrain.val_fraction, cfg.pretrain.seed)
     train = stack_slices(train_patients, labeled=False, include_unlabeled=True)
@@ -224,7 +226,8 @@ def pretrain(
         raise Pix2RepError(f"only {len(train)} training slices, fewer than one batch of {cfg.pretrain.batch_size}")
     log(
         f"pretraining on {len(train)} slices of {len(train_patients)} patients, validation on "
-        f"{0 if val is None else len(val)} slices of {len(val_patients)} patients; device {device}, bf16 {amp}"
+        f"{0 if val is None else len(val)} slices of {len(val_patients)} patients; device {device}, "
+        f"{precision_note(cfg.bf16, amp)}"
     )
 
     backbone, head = build_pretraining_modules(cfg)
@@ -250,8 +253,10 @@ def pretrain(
         shuffle_gen.set_state(state["rng"]["shuffle"])
         start_epoch, best_val = int(state["epoch"]), float(state["best_val"])
         elapsed_before = float(state.get("elapsed", 0.0))
-        metrics.truncate(start_epoch)
         log(f"resuming after epoch {start_epoch} (best validation loss {best_val:.4f})")
+    # A fresh start in a folder that kept only its metrics (a study whose .pt files were not kept)
+    # starts a fresh table instead of appending a second epoch 1.
+    metrics.truncate(start_epoch)
     if ctx.is_main:
         cfg.save(out_dir / "config.yaml")
     last_epoch = cfg.pretrain.epochs
