@@ -105,3 +105,27 @@ def test_finetune_and_train_take_mean_teacher(synthetic_root, tmp_path):
         assert rows[0].split(",")[:4] == ["epoch", "step", "train_loss", "consistency"]
         assert np.isfinite(float(rows[-1].split(",")[3]))
         assert (out / "model.pt").is_file()
+
+
+def test_benchmark_pretrains_each_kind_just_before_its_cells_and_never_for_finished_ones(synthetic_root, tmp_path, capsys):
+    from pix2rep.data.synthetic import write_synthetic_dataset
+
+    held_out = write_synthetic_dataset(tmp_path / "eval", n_patients=2, seed=3)
+    out = tmp_path / "study"
+    args = ["benchmark", "--data", str(synthetic_root), "--eval-data", str(held_out), "--preset", "tiny", "--epochs", "1",
+            "--methods", "invariance-lp,pix2rep-lp,baseline", "--n", "1", "--seeds", "0", "--no-full-pool",
+            "--steps", "3", "--out", str(out), "--no-progress"]
+
+    def events(printed: str) -> list[str]:
+        return [line.split(" ->")[0] if line.startswith("pretraining:") else line.split("] ")[1].split(":")[0]
+                for line in printed.splitlines() if line.startswith(("pretraining:", "["))]
+
+    assert main(args) == 0
+    assert events(capsys.readouterr().out) == [
+        "baseline-N1-s0", "pretraining: pix2rep", "pix2rep-lp-N1-s0", "pretraining: invariance", "invariance-lp-N1-s0"]
+    # a committed study keeps no .pt files: resuming it with every cell present pretrains nothing
+    for checkpoint in out.glob("pretrain*/*.pt"):
+        checkpoint.unlink()
+    assert main(args + ["--resume"]) == 0
+    assert events(capsys.readouterr().out) == []
+    assert not list(out.glob("pretrain*/*.pt"))

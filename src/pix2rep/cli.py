@@ -565,7 +565,17 @@ def _cmd_benchmark(args) -> int:
     stage_seconds["data preparation (this invocation)"] = time.time() - t_start
     cfg.data = str(Path(args.data).resolve())
     cfg.save(out / "config.yaml")
-    for kind in sorted({METHODS[m][1] for m in methods} - {None} - set(backbones), key=list(PRETRAININGS).index):
+    cells_dir = out / "cells"
+    cells_dir.mkdir(exist_ok=True)
+    grid = [(m, n, s) for n in ns for s in seeds for m in methods if n <= len(pool)]
+    if not args.no_full_pool and len(pool) not in ns:
+        grid += [(m, len(pool), seeds[0]) for m in methods]
+    # Methods run grouped by the pretraining they start from, each pretraining just before its
+    # first missing cell: an interrupted study keeps whole methods, and a resume whose cells all
+    # exist pretrains nothing.
+    grid.sort(key=lambda cell: -1 if METHODS[cell[0]][1] is None else list(PRETRAININGS).index(METHODS[cell[0]][1]))
+
+    def pretrain_for_study(kind: str) -> tuple[dict, list[str]]:
         t0 = time.time()
         pre_dir = out / PRETRAININGS[kind][0]
         pre_dir.mkdir(exist_ok=True)
@@ -574,30 +584,31 @@ def _cmd_benchmark(args) -> int:
         pretrain(pretraining_config(cfg, kind), pool, pre_dir, resume=(pre_dir / "last.pt").exists(),
                  progress=not args.no_progress)
         payload, _ = load_checkpoint(pre_dir / "best.pt")
-        backbones[kind] = (payload["backbone"], payload.get("pretrained_prefixes", [""]))
         stage_seconds[f"pretraining {kind} (this invocation)"] = time.time() - t0
-    cells_dir = out / "cells"
-    cells_dir.mkdir(exist_ok=True)
-    grid = [(m, n, s) for n in ns for s in seeds for m in methods if n <= len(pool)]
-    if not args.no_full_pool and len(pool) not in ns:
-        grid += [(m, len(pool), seeds[0]) for m in methods]
+        return payload["backbone"], payload.get("pretrained_prefixes", [""])
+
     meta = {**machine_meta(), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
             "preset": cfg.preset, "pool_size": len(pool),
             "budget": f"{cfg.downstream.steps} optimiser steps of batch {cfg.downstream.batch_size} for every method, "
                       f"rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
     synthetic = _is_synthetic(args.data)
-    t0 = time.time()
+    grid_seconds = 0.0
     for i, (m, n, s) in enumerate(grid, 1):
         cell_file = cells_dir / f"{cell_name(m, n, s)}.json"
         if cell_file.exists():
             continue
+        kind = METHODS[m][1]
+        if kind is not None and kind not in backbones:
+            backbones[kind] = pretrain_for_study(kind)
+        t0 = time.time()
         cell = run_cell(cfg, m, n, s, pool, evaluation, backbones, progress=not args.no_progress)
         atomic_write_bytes(cell_file, json.dumps(cell).encode())
         print(f"[{i}/{len(grid)}] {cell_name(m, n, s)}: Dice {np.mean([r['dice_mean'] for r in cell['rows']]):.3f} "
               f"({cell['train_seconds']:.0f} s training)")
-        stage_seconds["downstream grid (this invocation)"] = time.time() - t0
+        grid_seconds += time.time() - t0
+        stage_seconds["downstream grid (this invocation)"] = grid_seconds
         write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)
-    stage_seconds["downstream grid (this invocation)"] = time.time() - t0
+    stage_seconds["downstream grid (this invocation)"] = grid_seconds
     summary = write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
     print(f"report: {out / 'REPORT.md'}")

@@ -330,7 +330,7 @@ def train_mean_teacher(
             for b_t, b_s in zip(teacher.buffers(), student.buffers()):
                 b_t.copy_(b_s)
         sums += (float(supervised.detach()), float(consistency.detach()))
-        bar.set_postfix(sup=f"{float(supervised):.4f}", cons=f"{float(consistency):.4f}")
+        bar.set_postfix(sup=f"{supervised.item():.4f}", cons=f"{consistency.item():.4f}")
         if metrics is not None and (step % log_every == 0 or step == d.steps):
             n_block = step - (int(metrics.rows[-1]["step"]) if metrics.rows else 0)
             metrics.append({"step": step, "epoch": step // log_every, "train_loss": f"{sums[0] / n_block:.6f}",
