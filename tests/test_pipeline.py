@@ -59,6 +59,16 @@ def test_resume_without_checkpoints_starts_a_fresh_metrics_table(pretrained, syn
     assert [r["epoch"] for r in rows] == ["1"]
 
 
+def test_a_time_cap_that_will_cut_the_schedule_is_announced_after_the_first_epoch(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "capped"
+    assert main(["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--epochs", "3", "--max-minutes", "0.0001",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "covers about 1 of the 3 epochs" in printed
+    assert printed.index("covers about") < printed.index("stopping after epoch 1")
+    assert [r["epoch"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1"]
+
+
 def test_overwrite_only_deletes_run_folders(tmp_path):
     other = tmp_path / "precious"
     other.mkdir()

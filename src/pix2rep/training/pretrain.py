@@ -336,6 +336,13 @@ def pretrain(
             f"epoch {epoch}: train loss {row['train_loss']}, val loss {row['val_loss']}, "
             f"{row['samples_per_s']} slices/s, {row['seconds']} s"
         )
+        if epoch == start_epoch + 1 and cfg.pretrain.max_minutes is not None:
+            # say at once, not 28 minutes later, when the time cap will cut the schedule short
+            left = max(cfg.pretrain.max_minutes * 60 - elapsed, 0.0)
+            reachable = min(epoch + math.ceil(left / max(seconds, 1e-9)), last_epoch)
+            if reachable < last_epoch:
+                log(f"at {seconds:.0f} s per epoch, the time budget of {cfg.pretrain.max_minutes} minutes covers about "
+                    f"{reachable} of the {last_epoch} epochs ({precision_note(cfg.bf16, amp)}; --max-minutes changes it)")
         if any_rank(cfg.pretrain.max_minutes is not None and elapsed / 60 >= cfg.pretrain.max_minutes, ctx):
             log(f"stopping after epoch {epoch}: the time budget of {cfg.pretrain.max_minutes} minutes is spent")
             break
