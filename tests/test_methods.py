@@ -129,3 +129,56 @@ def test_benchmark_pretrains_each_kind_just_before_its_cells_and_never_for_finis
     assert main(args + ["--resume"]) == 0
     assert events(capsys.readouterr().out) == []
     assert not list(out.glob("pretrain*/*.pt"))
+
+
+def test_report_only_rebuilds_a_stopped_study_from_its_cells_and_marks_missing_seeds(synthetic_root, tmp_path, capsys):
+    from pix2rep.data.synthetic import write_synthetic_dataset
+
+    held_out = write_synthetic_dataset(tmp_path / "eval", n_patients=2, seed=5)
+    out = tmp_path / "study"
+    args = ["benchmark", "--data", str(synthetic_root), "--eval-data", str(held_out), "--preset", "tiny",
+            "--methods", "baseline", "--n", "1", "--seeds", "0,1", "--no-full-pool", "--steps", "3",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    # as if the run had been stopped after its first cell: one of the two planned seeds is left
+    (out / "cells" / "baseline-N1-s1.json").unlink()
+    (out / "REPORT.md").unlink()
+    capsys.readouterr()
+    assert main(args + ["--report-only"]) == 0
+    assert "[" not in capsys.readouterr().out  # no cell ran
+    assert sorted(p.stem for p in (out / "cells").glob("*.json")) == ["baseline-N1-s0"]
+    report = (out / "REPORT.md").read_text()
+    table_row = next(line for line in report.splitlines() if line.startswith("| supervised baseline"))
+    assert table_row.endswith("(1 of 2 seeds) |")
+    assert len((out / "invocations.jsonl").read_text().splitlines()) == 2  # the report-only run is on record
+
+
+def test_report_only_needs_an_existing_study(tmp_path, capsys):
+    assert main(["benchmark", "--data", str(tmp_path), "--out", str(tmp_path / "none"), "--report-only"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_commit_outside_a_git_checkout_comes_from_the_environment(monkeypatch):
+    import subprocess
+
+    from pix2rep import benchmark
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("PIX2REP_GIT_COMMIT", raising=False)
+    assert benchmark.git_commit() == "unknown"
+    monkeypatch.setenv("PIX2REP_GIT_COMMIT", "abc1234")
+    assert benchmark.git_commit() == "abc1234 (PIX2REP_GIT_COMMIT; not a git checkout)"
+
+
+def test_machine_line_names_the_gpu_only_for_a_cuda_device():
+    from pix2rep.benchmark import machine_meta
+    from pix2rep.speed import cpu_model_name
+
+    assert machine_meta("cpu")["machine"].startswith(cpu_model_name())
+    assert "GPU" not in machine_meta("cpu")["machine"]
+    if torch.cuda.is_available():
+        assert machine_meta("cuda")["machine"].startswith(torch.cuda.get_device_name(0))

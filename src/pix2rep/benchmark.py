@@ -247,13 +247,18 @@ def efficiency_factor(table: dict, method: str, n: int, pool_size: int) -> str:
 # -- report -------------------------------------------------------------------------------------
 
 
-def _fmt(mean_std) -> str:
+def _fmt(mean_std, seeds_planned: int = 0) -> str:
+    """``mean ± std`` over seeds; an entry with fewer seeds than planned (a cut-short run) says so."""
     m, s, k = mean_std
-    return f"{m:.3f} ± {s:.3f}" if k > 1 else f"{m:.3f}"
+    text = f"{m:.3f} ± {s:.3f}" if k > 1 else f"{m:.3f}"
+    return text + (f" ({k} of {seeds_planned} seeds)" if 0 < k < seeds_planned else "")
 
 
 def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = False) -> dict:
-    """Write runs.csv, REPORT.md and dice_vs_n.png from the finished cells."""
+    """Write runs.csv, REPORT.md and dice_vs_n.png from the finished cells.
+
+    ``meta["planned_seeds"]`` maps (method, N) to the number of seeds the grid asked for: an entry
+    with fewer finished seeds is marked "(k of S seeds)"."""
     from .evaluation.report import write_csv
 
     rows = []
@@ -267,6 +272,7 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
     table = summarise_grid(cells)
     methods = [m for m in METHODS if m in table] + sorted(m for m in table if m not in METHODS)
     ns = sorted({c["n"] for c in cells})
+    planned = meta.get("planned_seeds", {})  # (method, N) -> seeds the grid asked for
     prefix = "SYNTHETIC DATA: " if synthetic else ""
     lines = [f"# {prefix}Label-efficiency study", ""]
     if synthetic:
@@ -279,13 +285,14 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
     lines += ["## Mean Dice versus number of annotated patients", "",
               "| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for m in methods:
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(_fmt(table[m][n]["dice_mean"]) if n in table[m] else "" for n in ns) + " |")
+        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(
+            _fmt(table[m][n]["dice_mean"], planned.get((m, n), 0)) if n in table[m] else "" for n in ns) + " |")
     lines += ["", "## Per class", "", "| method | N | RV | MYO | LV |", "|---|---|---|---|---|"]
     for m in methods:
         for n in ns:
             if n in table[m]:
                 e = table[m][n]
-                lines.append(f"| {m} | {n} | " + " | ".join(_fmt(e[f'dice_{k}']) for k in CLASSES) + " |")
+                lines.append(f"| {m} | {n} | " + " | ".join(_fmt(e[f'dice_{k}'], planned.get((m, n), 0)) for k in CLASSES) + " |")
     lines += ["", "## Paired difference against the baseline", "",
               "Per evaluation patient, Dice of the method minus Dice of the baseline trained on the same patients "
               "(same N and seed), averaged over seeds; 95 % bootstrap interval over patients.", "",
@@ -355,28 +362,36 @@ def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str =
 
 
 def git_commit() -> str:
-    """The short commit of the code that runs, marked when the tree has uncommitted changes."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
-    except Exception:
-        return "unknown"
+    """The short commit of the code that runs, marked when the tree has uncommitted changes.
 
-
-def machine_meta() -> dict:
-    import torch
-
-    commit = git_commit()
-    from . import __version__
-
+    Outside a git checkout (a copied tree, an sdist) the commit comes from ``PIX2REP_GIT_COMMIT``
+    when whoever copied the tree set it, else it is "unknown"."""
     import os
 
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except Exception:
+        commit, dirty = "", ""
+    if not commit:
+        given = os.environ.get("PIX2REP_GIT_COMMIT", "").strip()
+        return f"{given} (PIX2REP_GIT_COMMIT; not a git checkout)" if given else "unknown"
+    return commit + (" (with uncommitted changes)" if dirty else "")
+
+
+def machine_meta(device=None) -> dict:
+    """Where the study runs: the CPU, and the GPU when ``device`` is a CUDA device."""
+    import os
+
+    import torch
+
+    from . import __version__
     from .speed import cpu_model_name
 
-    cpu = cpu_model_name()
-
-    return {"machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()}", "torch": str(torch.__version__),
-            "version": __version__, "commit": commit, "command": "pix2rep " + " ".join(sys.argv[1:])}
+    host = f"{cpu_model_name()}, {os.cpu_count()} cores, {platform.system()}"
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    machine = f"{torch.cuda.get_device_name(device)} GPU; host {host}" if device.type == "cuda" else host
+    return {"machine": machine, "torch": str(torch.__version__), "version": __version__, "commit": git_commit(),
+            "command": "pix2rep " + " ".join(sys.argv[1:])}

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke run: N in {1, 5}, seed 0, 100 steps, 5 minutes of pretraining, no full pool")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite REPORT.md, runs.csv and the plot of an existing study from the cells it holds; "
+                        "train nothing (after a run was stopped, or after several runs filled one study)")
     _add_preprocess_args(p)
     _add_output_args(p)
 
@@ -535,7 +538,9 @@ def _cmd_benchmark(args) -> int:
         args.steps = args.steps or 100
     ns = [int(x) for x in args.n.split(",") if x.strip()]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    out = prepare_run_dir(args.out, args.resume, args.overwrite)
+    if args.report_only and args.overwrite:
+        raise Pix2RepError("--report-only rewrites the report of an existing study; it cannot take --overwrite")
+    out = prepare_run_dir(args.out, args.resume or args.report_only, args.overwrite)
     log_invocation(out)
     cfg = _resolve_config(args)
     if args.quick:
@@ -587,15 +592,19 @@ def _cmd_benchmark(args) -> int:
         stage_seconds[f"pretraining {kind} (this invocation)"] = time.time() - t0
         return payload["backbone"], payload.get("pretrained_prefixes", [""])
 
-    meta = {**machine_meta(), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
-            "preset": cfg.preset, "pool_size": len(pool),
+    from collections import Counter
+
+    from .training.common import resolve_device
+
+    meta = {**machine_meta(resolve_device(cfg.device)), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
+            "preset": cfg.preset, "pool_size": len(pool), "planned_seeds": Counter((m, n) for m, n, _ in grid),
             "budget": f"{cfg.downstream.steps} optimiser steps of batch {cfg.downstream.batch_size} for every method, "
                       f"rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
     synthetic = _is_synthetic(args.data)
     grid_seconds = 0.0
     for i, (m, n, s) in enumerate(grid, 1):
         cell_file = cells_dir / f"{cell_name(m, n, s)}.json"
-        if cell_file.exists():
+        if cell_file.exists() or args.report_only:
             continue
         kind = METHODS[m][1]
         if kind is not None and kind not in backbones:
