@@ -13,6 +13,8 @@
 #   SECONDS  stop every process after this many seconds (0: no limit)
 #   BENCHMARK-ARGS  the arguments every process shares, e.g.
 #            --data ../shared/data/acdc/training --preset cpu --protocol label-free --device cuda
+# METHODS=a,b in the environment runs only those methods (their missing cells), e.g. to redo
+# rows after a fix: delete their cells, then rerun with METHODS set.
 set -u
 out=$1 limit=$2
 shift 2
@@ -28,6 +30,19 @@ leaders=(baseline:"" pix2rep-lp:"" pix2rep-v2-lp:"" simclr-lp:"" invariance-lp:"
          pix2rep-ft:pix2rep-lp pix2rep-mt:pix2rep-lp pix2rep-v2-ft:pix2rep-v2-lp simclr-ft:simclr-lp
          invariance-ft:invariance-lp)
 all_methods=$(printf '%s\n' "${leaders[@]}" | cut -d: -f1 | paste -sd, -)
+if [ -n "${METHODS:-}" ]; then  # METHODS=a,b: run only these (the report still covers every cell)
+    keep=()
+    declare -A stands_for  # a method not run -> the kept method that makes its pretraining instead
+    for entry in "${leaders[@]}"; do
+        method=${entry%%:*} after=${entry#*:}
+        [[ ",$METHODS," == *",$method,"* ]] || continue
+        if [ -n "$after" ] && [[ ",$METHODS," != *",$after,"* ]]; then
+            if [ -z "${stands_for[$after]:-}" ]; then stands_for[$after]=$method; after=; else after=${stands_for[$after]}; fi
+        fi
+        keep+=("$method:$after")
+    done
+    leaders=("${keep[@]}")
+fi
 
 left() {  # seconds left before the limit (a large number when there is none)
     if [ "$limit" -le 0 ]; then echo 1000000; else echo $((limit - ($(date +%s) - start))); fi
@@ -43,12 +58,13 @@ run_method() {  # run_method METHOD [--resume]
 
 # The first process creates the study (and fills the data cache); the others resume into it.
 if [ -f "$out/config.yaml" ]; then first_flag=--resume; else first_flag=; fi
-run_method baseline $first_flag &
-pids=($!)
-while [ ! -f "$out/config.yaml" ] && kill -0 "${pids[0]}" 2>/dev/null; do sleep 1; done
-[ -f "$out/config.yaml" ] || { echo "the first process stopped before creating $out; see $logs/baseline.log"; exit 1; }
-
 declare -A pid_of
+run_method "${leaders[0]%%:*}" $first_flag &
+pids=($!)
+pid_of[${leaders[0]%%:*}]=$!
+while [ ! -f "$out/config.yaml" ] && kill -0 "${pids[0]}" 2>/dev/null; do sleep 1; done
+[ -f "$out/config.yaml" ] || { echo "the first process stopped before creating $out; see $logs/${leaders[0]%%:*}.log"; exit 1; }
+
 for entry in "${leaders[@]:1}"; do
     method=${entry%%:*} after=${entry#*:}
     if [ -z "$after" ]; then

@@ -182,3 +182,19 @@ def test_machine_line_names_the_gpu_only_for_a_cuda_device():
     assert "GPU" not in machine_meta("cpu")["machine"]
     if torch.cuda.is_available():
         assert machine_meta("cuda")["machine"].startswith(torch.cuda.get_device_name(0))
+
+
+def test_teacher_update_averages_parameters_and_keeps_its_own_batchnorm_statistics():
+    from pix2rep.training.downstream import update_teacher
+
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    student = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    for module, value in ((teacher, 1.0), (student, 3.0)):
+        for p in module.parameters():
+            p.data.fill_(value)
+        module[1].running_mean.fill_(10 * value)
+    update_teacher(teacher, student, decay=0.75)
+    for p in teacher.parameters():  # 0.75 * 1 + 0.25 * 3
+        assert torch.allclose(p, torch.full_like(p, 1.5))
+    assert torch.equal(teacher[1].running_mean, torch.full((2,), 10.0))  # not the student's 30
+    assert torch.equal(student[1].running_mean, torch.full((2,), 30.0))
