@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -526,7 +527,7 @@ def _cmd_benchmark(args) -> int:
     from .config import RunConfig
     from .data.sampling import split_development
     from .atomic import atomic_write_bytes
-    from .training.common import load_checkpoint, prepare_run_dir
+    from .training.common import load_checkpoint, prepare_run_dir, resolve_device
     from .training.pretrain import pretrain
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -591,10 +592,6 @@ def _cmd_benchmark(args) -> int:
         payload, _ = load_checkpoint(pre_dir / "best.pt")
         stage_seconds[f"pretraining {kind} (this invocation)"] = time.time() - t0
         return payload["backbone"], payload.get("pretrained_prefixes", [""])
-
-    from collections import Counter
-
-    from .training.common import resolve_device
 
     meta = {**machine_meta(resolve_device(cfg.device)), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
             "preset": cfg.preset, "pool_size": len(pool), "planned_seeds": Counter((m, n) for m, n, _ in grid),

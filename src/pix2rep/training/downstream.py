@@ -286,10 +286,9 @@ def train_mean_teacher(
     teacher's weights are the exponential moving average of the student's (decay
     ``min(1 - 1/(step + 1), mt_ema)``); the teacher is evaluated.
 
-    As in the original method, the teacher runs its forward passes in training mode, so its
-    BatchNorm statistics are its own: the student's running statistics describe the student's
-    weights, not their lagging average, and copying them made the teacher of a from-scratch
-    student predict almost nothing (baseline-mt Dice 0.02-0.10 in results/label-free-h200).
+    The teacher keeps BatchNorm statistics of its own (:func:`update_teacher` says why); copying
+    the student's made a from-scratch teacher predict almost nothing (baseline-mt Dice 0.02-0.10
+    in results/label-free-h200).
     """
     import copy
 
