@@ -288,7 +288,7 @@ def train_mean_teacher(
 
     The teacher keeps BatchNorm statistics of its own (:func:`update_teacher` says why); copying
     the student's made a from-scratch teacher predict almost nothing (baseline-mt Dice 0.02-0.10
-    in results/label-free-h200).
+    in the first GPU study, commit 6e3da19).
     """
     import copy
 
