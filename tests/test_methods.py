@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -143,13 +144,19 @@ def test_report_only_rebuilds_a_stopped_study_from_its_cells_and_marks_missing_s
     # as if the run had been stopped after its first cell: one of the two planned seeds is left
     (out / "cells" / "baseline-N1-s1.json").unlink()
     (out / "REPORT.md").unlink()
+    kept = out / "cells" / "baseline-N1-s0.json"
+    cell = json.loads(kept.read_text())
+    assert cell["commit"] and cell["torch"] == torch.__version__  # each cell records where it ran
+    kept.write_text(json.dumps({**cell, "machine": "a GPU elsewhere"}))  # as if it had run on another machine
     capsys.readouterr()
-    assert main(args + ["--report-only"]) == 0
+    # rebuilt here with the study's own command line, --device cuda included, CUDA or not
+    assert main(args + ["--report-only", "--device", "cuda"]) == 0
     assert "[" not in capsys.readouterr().out  # no cell ran
     assert sorted(p.stem for p in (out / "cells").glob("*.json")) == ["baseline-N1-s0"]
     report = (out / "REPORT.md").read_text()
     table_row = next(line for line in report.splitlines() if line.startswith("| supervised baseline"))
     assert table_row.endswith("(1 of 2 seeds) |")
+    assert f"- machine: a GPU elsewhere; torch {torch.__version__}\n" in report  # not the machine rebuilding it
     assert len((out / "invocations.jsonl").read_text().splitlines()) == 2  # the report-only run is on record
 
 

@@ -129,6 +129,22 @@ def test_pretraining_killed_with_sigkill_resumes_from_the_last_checkpoint(synthe
     assert _no_temporary_files(out) == []
 
 
+def test_resume_removes_temporary_files_of_dead_processes_only(tmp_path):
+    from pix2rep.training.common import prepare_run_dir
+
+    run = prepare_run_dir(tmp_path / "run")
+    (run / "config.yaml").write_text("{}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = run / "cells" / f".tmp-{dead.pid}-baseline-N1-s0.json"  # a run killed mid-write left it
+    live = run / f".tmp-{os.getpid()}-REPORT.md"  # a sibling process writing right now
+    stale.parent.mkdir()
+    stale.write_text("{")
+    live.write_text("#")
+    prepare_run_dir(run, resume=True)
+    assert not stale.exists() and live.exists()
+
+
 def test_benchmark_killed_with_sigkill_never_recomputes_a_finished_cell(synthetic_root, tmp_path):
     from pix2rep.data.synthetic import write_synthetic_dataset
 

@@ -46,6 +46,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporary_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files under ``folder`` that a killed process left; return them.
+
+    A SIGKILL between writing a temporary file and renaming it leaves ``.tmp-PID-name`` behind.
+    Only files whose process is gone are removed: several processes may fill one study folder."""
+    removed = []
+    for tmp in Path(folder).rglob(".tmp-*"):
+        pid = tmp.name.split("-")[1]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically."""
     with atomic_path(path) as tmp:

@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -53,6 +54,15 @@ METHOD_LABELS = {
     "invariance-lp": "invariance ablation (no spatial transform) linear probe",
     "invariance-ft": "invariance ablation (no spatial transform) fine-tuning",
 }
+# the paper's further claims and what the baselines isolate, as paired comparisons (beyond the
+# comparison of every method with the baseline): (method, reference, what the difference measures)
+CONTRASTS: list[tuple[str, str, str]] = [
+    ("pix2rep-v2-ft", "pix2rep-ft", "Barlow Twins (v2) instead of the contrastive loss, fine-tuned"),
+    ("pix2rep-v2-lp", "pix2rep-lp", "Barlow Twins (v2) instead of the contrastive loss, probed"),
+    ("pix2rep-mt", "pix2rep-ft", "Mean Teacher added to Pix2Rep fine-tuning"),
+    ("pix2rep-ft", "invariance-ft", "the spatial transform between the views (equivariance)"),
+    ("pix2rep-ft", "simclr-ft", "pixel-level instead of image-level pretraining"),
+]
 # pretraining kind -> (its run folder inside RESULTS_DIR, what changes from the preset's pretraining)
 PRETRAININGS: dict[str, tuple[str, dict]] = {
     "pix2rep": ("pretrain", {}),
@@ -193,6 +203,25 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tupl
     return float(lo), float(hi)
 
 
+def paired_difference(index: dict, method: str, reference: str, n: int) -> Optional[tuple[float, float, float]]:
+    """Dice of ``method`` minus Dice of ``reference``, paired by patient: (mean, 95 % CI low, high).
+
+    For each seed both have at this N (so the same annotated patients), the per-patient Dice
+    differences; these are averaged over seeds, then over patients, with a percentile bootstrap
+    interval over patients. ``index`` maps (method, N, seed) to a cell. None: no shared seed."""
+    diffs = []
+    for seed in sorted(seed for (m, k, seed) in index if m == method and k == n):
+        ref = index.get((reference, n, seed))
+        if ref is None:
+            continue
+        a, b = per_patient_dice(index[(method, n, seed)]), per_patient_dice(ref)
+        diffs.append([a[p] - b[p] for p in sorted(a) if p in b])
+    if not diffs:
+        return None
+    per_patient = np.mean(np.array(diffs), axis=0)  # averaged over seeds
+    return (float(per_patient.mean()), *bootstrap_ci(per_patient))
+
+
 def summarise_grid(cells: list[dict]) -> dict:
     """table[method][n] = {"dice": (mean, std, seeds), per class ..., "diff": (mean, lo, hi)}."""
     table: dict = {}
@@ -206,18 +235,31 @@ def summarise_grid(cells: list[dict]) -> dict:
                 vals = np.array([cell_mean(c, key) for c in cs])
                 entry[key] = (float(vals.mean()), float(vals.std(ddof=0)), len(vals))
             if method != "baseline":
-                # paired difference against the baseline on the same N, seed and patients
-                diffs = []
-                for c in cs:
-                    base = index.get(("baseline", n, c["seed"]))
-                    if base is None:
-                        continue
-                    a, b = per_patient_dice(c), per_patient_dice(base)
-                    diffs.append([a[p] - b[p] for p in sorted(a) if p in b])
-                if diffs:
-                    per_patient = np.mean(np.array(diffs), axis=0)  # averaged over seeds
-                    entry["diff"] = (float(per_patient.mean()), *bootstrap_ci(per_patient))
+                diff = paired_difference(index, method, "baseline", n)
+                if diff is not None:
+                    entry["diff"] = diff
     return table
+
+
+def summarise_contrasts(cells: list[dict]) -> dict:
+    """contrasts["A - B"][n] = paired_difference of A against B, for the pairs of CONTRASTS present."""
+    index = {(c["method"], c["n"], c["seed"]): c for c in cells}
+    out: dict = {}
+    for method, reference, _ in CONTRASTS:
+        for n in sorted({k for (m, k, _s) in index if m == method}):
+            diff = paired_difference(index, method, reference, n)
+            if diff is not None:
+                out.setdefault(f"{method} - {reference}", {})[n] = diff
+    return out
+
+
+def contrast_table(contrasts: dict) -> list[str]:
+    """The Markdown table of :func:`summarise_contrasts`, in the order of CONTRASTS."""
+    lines = ["| comparison | what it measures | N | difference (Dice points) | 95 % CI |", "|---|---|---|---|---|"]
+    for method, reference, measures in CONTRASTS:
+        for n, d in contrasts.get(f"{method} - {reference}", {}).items():
+            lines.append(f"| {method} - {reference} | {measures} | {n} | {d[0]:+.3f} | [{d[1]:+.3f}, {d[2]:+.3f}] |")
+    return lines
 
 
 def efficiency_factor(table: dict, method: str, n: int, pool_size: int) -> str:
@@ -245,6 +287,25 @@ def efficiency_factor(table: dict, method: str, n: int, pool_size: int) -> str:
 
 
 # -- report -------------------------------------------------------------------------------------
+
+
+def _cells(k: int) -> str:
+    return f"{k} cell" + ("s" if k != 1 else "")
+
+
+def where_cells_ran(cells: list[dict], meta: dict) -> list[str]:
+    """Report lines naming the machines and torch builds the cells recorded.
+
+    A report can be rebuilt on another machine (``--report-only``), so the machine writing it
+    is never taken for the one that ran a cell."""
+    counts = Counter((c["machine"], c["torch"]) for c in cells if "machine" in c)
+    lines = [f"- machine: {machine}; torch {torch_version}" + (f" ({_cells(k)})" if len(counts) > 1 else "")
+             for (machine, torch_version), k in counts.most_common()]
+    unrecorded = sum("machine" not in c for c in cells)
+    if unrecorded:
+        lines.append(f"- machine: not recorded by {_cells(unrecorded)} (written before cells recorded it); "
+                     f"this report was written on {meta.get('machine')}; torch {meta.get('torch')}")
+    return lines or [f"- machine: {meta.get('machine')}; torch {meta.get('torch')}"]
 
 
 def _fmt(mean_std, seeds_planned: int = 0) -> str:
@@ -302,6 +363,11 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
             d = table[m].get(n, {}).get("diff")
             if d:
                 lines.append(f"| {m} | {n} | {d[0]:+.3f} | [{d[1]:+.3f}, {d[2]:+.3f}] |")
+    contrasts = summarise_contrasts(cells)
+    if contrasts:
+        lines += ["", "## Paired differences between methods", "",
+                  "The same pairing, of the first method against the second: the paper's further claims, and "
+                  "what each baseline isolates.", "", *contrast_table(contrasts)]
     headline = {}
     if "baseline" in table and 1 in table["baseline"]:
         lines += ["", "## Headline figures (the paper's claims, measured)", ""]
@@ -328,13 +394,14 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
         lines.append(f"- continued with: `{inv['command']}` ({inv['started']}{at})")
     first_commit = (invocations[0].get("commit") if invocations else None) or meta.get("commit")
     lines += [f"- git commit: `{first_commit}`" + (" (of the first command)" if len(invocations) > 1 else ""),
-              f"- machine: {meta.get('machine')}", f"- torch {meta.get('torch')}, pix2rep {meta.get('version')}",
+              *where_cells_ran(cells, meta), f"- pix2rep {meta.get('version')}",
               f"- downstream budget: {meta.get('budget')}"]
     for stage, secs in {**total_stage_seconds(out, cells), **meta.get("stage_seconds", {})}.items():
         lines.append(f"- wall time, {stage}: {secs / 60:.1f} min")
     atomic_write_bytes(out / "REPORT.md", ("\n".join(lines) + "\n").encode())
     plot_dice_vs_n(table, methods, out / "dice_vs_n.png", prefix)
     return {"table": {m: {str(n): {k: v for k, v in e.items() if k != "cells"} for n, e in by.items()} for m, by in table.items()},
+            "contrasts": {name: {str(n): d for n, d in by.items()} for name, by in contrasts.items()},
             "headline": headline, "synthetic_data": synthetic}
 
 

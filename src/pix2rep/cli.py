@@ -593,7 +593,9 @@ def _cmd_benchmark(args) -> int:
         stage_seconds[f"pretraining {kind} (this invocation)"] = time.time() - t0
         return payload["backbone"], payload.get("pretrained_prefixes", [""])
 
-    meta = {**machine_meta(resolve_device(cfg.device)), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
+    # --report-only trains nothing, so it runs anywhere: a GPU study's report can be rebuilt on a laptop
+    device = None if args.report_only else resolve_device(cfg.device)
+    meta = {**machine_meta(device), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
             "preset": cfg.preset, "pool_size": len(pool), "planned_seeds": Counter((m, n) for m, n, _ in grid),
             "budget": f"{cfg.downstream.steps} optimiser steps of batch {cfg.downstream.batch_size} for every method, "
                       f"rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
@@ -608,6 +610,7 @@ def _cmd_benchmark(args) -> int:
             backbones[kind] = pretrain_for_study(kind)
         t0 = time.time()
         cell = run_cell(cfg, m, n, s, pool, evaluation, backbones, progress=not args.no_progress)
+        cell.update({key: meta[key] for key in ("machine", "torch", "commit")})  # where it ran, for the report
         atomic_write_bytes(cell_file, json.dumps(cell).encode())
         print(f"[{i}/{len(grid)}] {cell_name(m, n, s)}: Dice {np.mean([r['dice_mean'] for r in cell['rows']]):.3f} "
               f"({cell['train_seconds']:.0f} s training)")

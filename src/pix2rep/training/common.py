@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import torch
 
 from .. import __version__
-from ..atomic import atomic_path, atomic_write_bytes, save_figure  # noqa: F401 (atomic_write_bytes re-exported)
+from ..atomic import atomic_path, atomic_write_bytes, remove_stale_temporary_files, save_figure  # noqa: F401 (atomic_write_bytes re-exported)
 from ..config import RunConfig
 from ..errors import OutputExistsError, Pix2RepError
 
@@ -118,6 +118,7 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
         if resume:
             if not (out / RUN_MARKER).exists():
                 raise Pix2RepError(f"{out}: --resume needs a run folder (with {RUN_MARKER}); this one has none")
+            remove_stale_temporary_files(out)  # left by a run killed mid-write
             return out
         if overwrite:
             if not (out / RUN_MARKER).exists():
