@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -203,12 +204,17 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tupl
     return float(lo), float(hi)
 
 
+def index_cells(cells: list[dict]) -> dict:
+    """(method, N, seed) -> cell."""
+    return {(c["method"], c["n"], c["seed"]): c for c in cells}
+
+
 def paired_difference(index: dict, method: str, reference: str, n: int) -> Optional[tuple[float, float, float]]:
     """Dice of ``method`` minus Dice of ``reference``, paired by patient: (mean, 95 % CI low, high).
 
     For each seed both have at this N (so the same annotated patients), the per-patient Dice
     differences; these are averaged over seeds, then over patients, with a percentile bootstrap
-    interval over patients. ``index`` maps (method, N, seed) to a cell. None: no shared seed."""
+    interval over patients. ``index`` is :func:`index_cells`. None: no shared seed."""
     diffs = []
     for seed in sorted(seed for (m, k, seed) in index if m == method and k == n):
         ref = index.get((reference, n, seed))
@@ -225,7 +231,7 @@ def paired_difference(index: dict, method: str, reference: str, n: int) -> Optio
 def summarise_grid(cells: list[dict]) -> dict:
     """table[method][n] = {"dice": (mean, std, seeds), per class ..., "diff": (mean, lo, hi)}."""
     table: dict = {}
-    index = {(c["method"], c["n"], c["seed"]): c for c in cells}
+    index = index_cells(cells)
     for (method, n, seed), c in index.items():
         table.setdefault(method, {}).setdefault(n, {"cells": []})["cells"].append(c)
     for method, by_n in table.items():
@@ -243,7 +249,7 @@ def summarise_grid(cells: list[dict]) -> dict:
 
 def summarise_contrasts(cells: list[dict]) -> dict:
     """contrasts["A - B"][n] = paired_difference of A against B, for the pairs of CONTRASTS present."""
-    index = {(c["method"], c["n"], c["seed"]): c for c in cells}
+    index = index_cells(cells)
     out: dict = {}
     for method, reference, _ in CONTRASTS:
         for n in sorted({k for (m, k, _s) in index if m == method}):
@@ -433,8 +439,6 @@ def git_commit() -> str:
 
     Outside a git checkout (a copied tree, an sdist) the commit comes from ``PIX2REP_GIT_COMMIT``
     when whoever copied the tree set it, else it is "unknown"."""
-    import os
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()
@@ -450,8 +454,6 @@ def git_commit() -> str:
 
 def machine_meta(device=None) -> dict:
     """Where the study runs: the CPU, and the GPU when ``device`` is a CUDA device."""
-    import os
-
     import torch
 
     from . import __version__

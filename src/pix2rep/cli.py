@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
