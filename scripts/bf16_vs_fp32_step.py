@@ -1,7 +1,7 @@
 """Is bf16 autocast worth it on THIS CPU? One `cpu`-preset pretraining step in each precision.
 
 pix2rep uses bf16 autocast only where the device computes bf16 natively
-(`training.common.bf16_is_native`: AVX-512-BF16 or AMX on x86). This script forces each
+(`runtime.bf16_is_native`: AVX-512-BF16 or AMX on x86). This script forces each
 precision in turn, whatever the CPU, and prints what the choice is worth here:
 
   python scripts/bf16_vs_fp32_step.py [--repeats 3]
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from pix2rep.config import preset_config
-from pix2rep.speed import _pretraining_parts, cpu_model_name, matmul_peak_flops
-from pix2rep.training import common
+from pix2rep.provenance import cpu_model_name
+from pix2rep.speed import _pretraining_parts, matmul_peak_flops
+from pix2rep import runtime as common
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--repeats", type=int, default=3, help="timed steps per precision (after one warm-up)")

@@ -25,7 +25,7 @@ from pix2rep.config import preset_config
 from pix2rep.data.dataset import prepare_dataset
 from pix2rep.data.sampling import sample_few_shot_patients, split_development
 from pix2rep.evaluation.evaluate import evaluate_patients
-from pix2rep.training.common import load_checkpoint
+from pix2rep.checkpoints import load_checkpoint
 from pix2rep.training.downstream import train_segmentation
 from pix2rep.training.pretrain import pretrain
 

@@ -169,21 +169,21 @@ def test_report_only_needs_an_existing_study(tmp_path, capsys):
 def test_commit_outside_a_git_checkout_comes_from_the_environment(monkeypatch):
     import subprocess
 
-    from pix2rep import benchmark
+    from pix2rep import provenance
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
     monkeypatch.delenv("PIX2REP_GIT_COMMIT", raising=False)
-    assert benchmark.git_commit() == "unknown"
+    assert provenance.git_commit() == "unknown"
     monkeypatch.setenv("PIX2REP_GIT_COMMIT", "abc1234")
-    assert benchmark.git_commit() == "abc1234 (PIX2REP_GIT_COMMIT; not a git checkout)"
+    assert provenance.git_commit() == "abc1234 (PIX2REP_GIT_COMMIT; not a git checkout)"
 
 
 def test_machine_line_names_the_gpu_only_for_a_cuda_device():
-    from pix2rep.benchmark import machine_meta
-    from pix2rep.speed import cpu_model_name
+    from pix2rep.provenance import machine_meta
+    from pix2rep.provenance import cpu_model_name
 
     assert machine_meta("cpu")["machine"].startswith(cpu_model_name())
     assert "GPU" not in machine_meta("cpu")["machine"]

@@ -9,7 +9,8 @@ import yaml
 from pix2rep.cli import main
 from pix2rep.config import RunConfig
 from pix2rep.errors import Pix2RepError
-from pix2rep.training.common import load_checkpoint, prepare_run_dir
+from pix2rep.checkpoints import load_checkpoint
+from pix2rep.runs import prepare_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_a_crafted_pickle_is_refused(tmp_path):
 
 def test_mismatched_architecture_names_the_keys(pretrained):
     from pix2rep.models import UNet
-    from pix2rep.training.common import load_state
+    from pix2rep.checkpoints import load_state
 
     payload, path = load_checkpoint(pretrained)
     other = UNet(RunConfig.from_dict({"model": {"widths": [8, 16], "out_channels": 16}}).model)

@@ -22,7 +22,8 @@ import torch
 from pix2rep.atomic import atomic_write_bytes
 from pix2rep.cli import main
 from pix2rep.errors import DataError, Pix2RepError
-from pix2rep.training.common import MetricsLog, load_checkpoint, save_checkpoint
+from pix2rep.runs import MetricsLog
+from pix2rep.checkpoints import load_checkpoint, save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -130,7 +131,7 @@ def test_pretraining_killed_with_sigkill_resumes_from_the_last_checkpoint(synthe
 
 
 def test_resume_removes_temporary_files_of_dead_processes_only(tmp_path):
-    from pix2rep.training.common import prepare_run_dir
+    from pix2rep.runs import prepare_run_dir
 
     run = prepare_run_dir(tmp_path / "run")
     (run / "config.yaml").write_text("{}")

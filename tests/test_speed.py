@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pix2rep.cli import main
-from pix2rep.training.common import bf16_is_native
+from pix2rep.runtime import bf16_is_native
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -21,7 +21,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 _STEPS = """
 import torch
 from pix2rep.config import preset_config
-from pix2rep.training.common import keep_freed_memory
+from pix2rep.runtime import keep_freed_memory
 from pix2rep.training.pretrain import build_pretraining_modules, pretrain_loss
 from pix2rep.models import SegmentationModel
 print("tuned", keep_freed_memory())
@@ -119,7 +119,7 @@ def test_pretraining_sends_channels_last_gradients_into_the_backbone():
     (False, False, torch.float32),
 ])
 def test_bf16_autocast_only_where_the_device_computes_bf16_natively(monkeypatch, native, requested, expected):
-    from pix2rep.training import common
+    from pix2rep import runtime as common
 
     monkeypatch.setattr(common, "bf16_is_native", lambda device: native)
     layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
@@ -129,6 +129,6 @@ def test_bf16_autocast_only_where_the_device_computes_bf16_natively(monkeypatch,
 
 
 def test_this_cpu_reports_its_bf16_support_as_mkldnn_does():
-    from pix2rep.training.common import bf16_is_native
+    from pix2rep.runtime import bf16_is_native
 
     assert bf16_is_native(torch.device("cpu")) is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +21,7 @@ from .config import RunConfig
 from .data.dataset import PreparedPatient
 from .data.sampling import sample_few_shot_patients
 from .atomic import atomic_write_bytes, save_figure
+from .provenance import read_invocations
 
 # method name -> (downstream mode, the pretraining it starts from, or None for a random start)
 METHODS: dict[str, tuple[str, Optional[str]]] = {
@@ -102,7 +99,7 @@ def run_cell(
     ``backbones`` maps a pretraining kind to (backbone state, pretrained name prefixes).
     Mean Teacher methods use the whole pool, unlabeled, as their unlabeled set."""
     from .evaluation.evaluate import evaluate_patients
-    from .training.common import resolve_device
+    from .runtime import resolve_device
     from .training.downstream import train_segmentation
 
     mode, kind = METHODS[method]
@@ -133,31 +130,13 @@ def run_cell(
     }
 
 
-def log_invocation(out: Path) -> None:
-    """Append this command line and the code's commit to ``invocations.jsonl``: the report names the
-    first, and any resumes (which may run a later commit)."""
-    entry = {"command": "pix2rep " + " ".join(sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-             "commit": git_commit()}
-    with open(out / "invocations.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
 
 
-def read_invocations(out: Path) -> list[dict]:
-    path = out / "invocations.jsonl"
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:  # a run killed while appending leaves at most one broken last line
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return entries
 
 
 def total_stage_seconds(out: Path, cells: list[dict]) -> dict[str, float]:
     """Wall time per stage summed over every invocation: pretraining epochs and grid cells."""
-    from .training.common import MetricsLog
+    from .runs import MetricsLog
 
     stages = {}
     for kind, (folder, _) in PRETRAININGS.items():
@@ -434,33 +413,5 @@ def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str =
     save_figure(fig, out_png)
 
 
-def git_commit() -> str:
-    """The short commit of the code that runs, marked when the tree has uncommitted changes.
-
-    Outside a git checkout (a copied tree, an sdist) the commit comes from ``PIX2REP_GIT_COMMIT``
-    when whoever copied the tree set it, else it is "unknown"."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except Exception:
-        commit, dirty = "", ""
-    if not commit:
-        given = os.environ.get("PIX2REP_GIT_COMMIT", "").strip()
-        return f"{given} (PIX2REP_GIT_COMMIT; not a git checkout)" if given else "unknown"
-    return commit + (" (with uncommitted changes)" if dirty else "")
 
 
-def machine_meta(device=None) -> dict:
-    """Where the study runs: the CPU, and the GPU when ``device`` is a CUDA device."""
-    import torch
-
-    from . import __version__
-    from .speed import cpu_model_name
-
-    host = f"{cpu_model_name()}, {os.cpu_count()} cores, {platform.system()}"
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    machine = f"{torch.cuda.get_device_name(device)} GPU; host {host}" if device.type == "cuda" else host
-    return {"machine": machine, "torch": str(torch.__version__), "version": __version__, "commit": git_commit(),
-            "command": "pix2rep " + " ".join(sys.argv[1:])}

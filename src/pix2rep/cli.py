@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .training.common import keep_freed_memory
+    from .runtime import keep_freed_memory
 
     keep_freed_memory()  # before the first large tensor: predict and evaluate benefit too
     if hasattr(sys.stdout, "reconfigure"):
@@ -301,7 +301,7 @@ def _load_patients(path, cfg, cache, split: str = "all", include_4d: bool = Fals
 
 
 def _cmd_pretrain(args) -> int:
-    from .training.common import prepare_run_dir
+    from .runs import prepare_run_dir
     from .training.pretrain import pretrain
 
     from .training.distributed import barrier, init_from_env, rank0_first
@@ -342,7 +342,8 @@ def _has_dev_ids(patients) -> bool:
 def _cmd_downstream(args) -> int:
     from .config import RunConfig
     from .data.sampling import sample_few_shot_patients, split_development
-    from .training.common import load_checkpoint, prepare_run_dir
+    from .checkpoints import load_checkpoint
+    from .runs import prepare_run_dir
     from .training.downstream import train_segmentation
 
     backbone_state = None
@@ -414,7 +415,8 @@ def _cmd_evaluate(args) -> int:
     from .evaluation.evaluate import evaluate_patients, summarise
     from .evaluation.report import write_evaluation
     from .inference import load_segmentation_model
-    from .training.common import prepare_run_dir, resolve_device
+    from .runs import prepare_run_dir
+    from .runtime import resolve_device
 
     model, cfg, path = load_segmentation_model(args.model)
     device = resolve_device(args.device or cfg.device)
@@ -449,7 +451,8 @@ def _cmd_predict(args) -> int:
     from .data.preprocess import prepare_volume
     from .inference import list_input_volumes, load_segmentation_model, predict_prepared, write_label_nifti
     from .atomic import atomic_write_bytes
-    from .training.common import resolve_device, versions
+    from .runtime import resolve_device
+    from .provenance import versions
 
     model, cfg, model_path = load_segmentation_model(args.model)
     device = resolve_device(args.device or cfg.device)
@@ -513,13 +516,14 @@ def _cmd_predict(args) -> int:
 def _cmd_benchmark(args) -> int:
     import json
 
+    from .provenance import log_invocation, machine_meta
     from .benchmark import (
         METHODS,
         PRETRAININGS,
         cell_name,
         load_cells,
-        log_invocation,
-        machine_meta,
+
+
         pretraining_config,
         run_cell,
         write_report,
@@ -527,7 +531,9 @@ def _cmd_benchmark(args) -> int:
     from .config import RunConfig
     from .data.sampling import split_development
     from .atomic import atomic_write_bytes
-    from .training.common import load_checkpoint, prepare_run_dir, resolve_device
+    from .checkpoints import load_checkpoint
+    from .runs import prepare_run_dir
+    from .runtime import resolve_device
     from .training.pretrain import pretrain
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -12,7 +12,8 @@ from .config import RunConfig
 from .data.preprocess import PreparedVolume, probabilities_to_canonical
 from .errors import Pix2RepError
 from .models import SegmentationModel, UNet
-from .training.common import autocast, load_checkpoint, load_state
+from .runtime import autocast
+from .checkpoints import load_checkpoint, load_state
 
 
 def load_segmentation_model(model: str | Path, device="cpu") -> tuple[SegmentationModel, RunConfig, Path]:

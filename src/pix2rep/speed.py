@@ -15,7 +15,6 @@ This is a benchmark, not a test: it measures, prints a table and writes JSON.
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_bytes
+from .provenance import cpu_model_name
 from .config import RunConfig
 from .transforms import augment_intensity, sample_affine, warp
 
@@ -72,7 +72,7 @@ def backbone_flops_per_sample(cfg: RunConfig, device: torch.device) -> int:
 
 
 def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
-    from .training.common import autocast
+    from .runtime import autocast
     from .training.pretrain import build_pretraining_modules, pretrain_loss
 
     backbone, head = build_pretraining_modules(cfg)
@@ -110,7 +110,7 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
 
 def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None, log=print) -> dict:
     """Every figure of the bench table for ``cfg`` on its device."""
-    from .training.common import keep_freed_memory, resolve_device, use_bf16
+    from .runtime import keep_freed_memory, resolve_device, use_bf16
 
     device = resolve_device(cfg.device)
     amp = use_bf16(cfg.bf16, device)  # a device without native bf16 trains in fp32
@@ -159,7 +159,7 @@ def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None
 
 
 def _downstream_slices_per_s(cfg: RunConfig, device: torch.device, amp: bool, repeats: int) -> float:
-    from .training.common import autocast
+    from .runtime import autocast
     from .training.downstream import build_segmentation_model, segmentation_loss
 
     model = build_segmentation_model(cfg)
@@ -213,14 +213,6 @@ def _machine(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
-def cpu_model_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gflops(flops: Optional[float]) -> str:

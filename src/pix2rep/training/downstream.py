@@ -26,7 +26,10 @@ from ..data.dataset import PreparedPatient, stack_slices
 from ..errors import Pix2RepError
 from ..models import SegmentationModel, UNet
 from ..transforms import augment_intensity
-from .common import MetricsLog, autocast, keep_freed_memory, plot_curves, resolve_device, save_checkpoint, use_bf16, versions
+from ..runs import MetricsLog, plot_curves
+from ..runtime import autocast, keep_freed_memory, resolve_device, use_bf16
+from ..checkpoints import save_checkpoint
+from ..provenance import versions
 from .distributed import SINGLE, DistContext, any_rank, barrier, mean_over_ranks, wrap_ddp
 
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "samples_per_s", "seconds")

@@ -33,19 +33,10 @@ from ..errors import Pix2RepError
 from ..losses import barlow_twins, gather_positions, nt_xent, nt_xent_gathered, sample_valid_positions
 from ..models import ProjectionHead, UNet
 from ..transforms import augment_intensity, sample_affine, sample_at, warp
-from .common import (
-    MetricsLog,
-    autocast,
-    keep_freed_memory,
-    load_checkpoint,
-    load_state,
-    plot_curves,
-    resolve_device,
-    save_checkpoint,
-    precision_note,
-    use_bf16,
-    versions,
-)
+from ..runs import MetricsLog, plot_curves
+from ..runtime import autocast, keep_freed_memory, resolve_device, precision_note, use_bf16
+from ..checkpoints import load_checkpoint, load_state, save_checkpoint
+from ..provenance import versions
 from .distributed import SINGLE, DistContext, any_rank, barrier, gather_with_grad, mean_over_ranks, wrap_ddp
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "samples_per_s", "seconds")
@@ -356,7 +347,7 @@ def _silent(*args, **kwargs) -> None:
 
 def load_pretrained_backbone(model: str | Path, map_location="cpu") -> tuple[UNet, RunConfig, Path]:
     """A backbone from a run folder or checkpoint file (pretraining or downstream)."""
-    from .common import config_from_checkpoint
+    from ..checkpoints import config_from_checkpoint
 
     payload, path = load_checkpoint(model, map_location)
     cfg = config_from_checkpoint(payload)
