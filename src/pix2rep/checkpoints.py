@@ -8,6 +8,7 @@ previous version intact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .atomic import atomic_path
 from .config import RunConfig
 from .errors import Pix2RepError
+from .models import SegmentationModel, UNet
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -68,3 +70,52 @@ def load_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> N
 
 def config_from_checkpoint(payload: dict) -> RunConfig:
     return RunConfig.from_dict(payload["config"])
+
+
+@dataclass
+class PretrainedBackbone:
+    """What a downstream run needs from a checkpoint: the backbone weights, the names of the
+    parameters pretraining trained (SimCLR trains the encoder only), the run's configuration
+    and the patients it was trained on (empty where the checkpoint predates that record)."""
+
+    state: dict
+    prefixes: list
+    config: RunConfig
+    path: Path
+    patients: list
+
+
+def load_pretrained_backbone_weights(model: str | Path) -> PretrainedBackbone:
+    """The backbone of a pretraining run or of any checkpoint that holds one (``-m/--model``)."""
+    payload, path = load_checkpoint(model)
+    if "backbone" not in payload:
+        raise Pix2RepError(f"{path}: this checkpoint holds no backbone weights")
+    return PretrainedBackbone(payload["backbone"], list(payload.get("pretrained_prefixes", [""])),
+                              config_from_checkpoint(payload), path, list(payload.get("pretraining_patients", [])))
+
+
+def load_backbone(model: str | Path, map_location="cpu") -> tuple[UNet, RunConfig, Path]:
+    """A backbone module with its weights, from a run folder or checkpoint file (pretraining or downstream)."""
+    weights = load_pretrained_backbone_weights(model)
+    backbone = UNet(weights.config.model)
+    load_state(backbone, weights.state, "backbone", weights.path)
+    return backbone.to(map_location), weights.config, weights.path
+
+
+def load_segmentation_model(model: str | Path, device="cpu") -> tuple[SegmentationModel, RunConfig, Path]:
+    """A segmentation model from a downstream run folder or its ``model.pt``."""
+    folder = Path(model)
+    if folder.is_dir() and not (folder / "model.pt").is_file():
+        if any((folder / name).is_file() for name in ("best.pt", "last.pt")):
+            raise Pix2RepError(f"{folder}: a pretraining run (no segmentation head); train one first with "
+                               f"`pix2rep probe` or `pix2rep finetune -m {folder}`, then pass that run folder")
+        raise Pix2RepError(f"{folder}: no model.pt in this folder; pass a segmentation run folder or its model.pt")
+    payload, path = load_checkpoint(folder / "model.pt" if folder.is_dir() else folder)
+    if "segmentation_head" not in payload:
+        raise Pix2RepError(f"{path}: a pretraining checkpoint (no segmentation head); train one first with "
+                           f"`pix2rep probe` or `pix2rep finetune -m {path}`")
+    cfg = config_from_checkpoint(payload)
+    net = SegmentationModel(UNet(cfg.model), cfg.model.num_classes)
+    load_state(net.backbone, payload["backbone"], "backbone", path)
+    load_state(net.head, payload["segmentation_head"], "segmentation head", path)
+    return net.to(device).eval(), cfg, path

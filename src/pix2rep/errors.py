@@ -20,3 +20,8 @@ class DataError(Pix2RepError, ValueError):
 
 class OutputExistsError(Pix2RepError):
     """An output folder already exists and neither --resume nor --overwrite was given."""
+
+
+class ConfigError(Pix2RepError, ValueError):
+    """A configuration that cannot be used: an unknown preset, key or value, a wrong type, a YAML
+    syntax error, or a command-line value out of range. The message names where it came from."""

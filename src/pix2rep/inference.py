@@ -8,24 +8,10 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .config import RunConfig
 from .data.preprocess import PreparedVolume, probabilities_to_canonical
-from .errors import Pix2RepError
-from .models import SegmentationModel, UNet
+from .models import SegmentationModel
 from .runtime import autocast
-from .checkpoints import load_checkpoint, load_state
-
-
-def load_segmentation_model(model: str | Path, device="cpu") -> tuple[SegmentationModel, RunConfig, Path]:
-    """A segmentation model from a downstream run folder or its ``model.pt``."""
-    payload, path = load_checkpoint(Path(model) / "model.pt" if Path(model).is_dir() else model)
-    if "segmentation_head" not in payload:
-        raise Pix2RepError(f"{path}: this is not a segmentation model (a pretraining checkpoint? train a head with probe/finetune)")
-    cfg = RunConfig.from_dict(payload["config"])
-    net = SegmentationModel(UNet(cfg.model), cfg.model.num_classes)
-    load_state(net.backbone, payload["backbone"], "backbone", path)
-    load_state(net.head, payload["segmentation_head"], "segmentation head", path)
-    return net.to(device).eval(), cfg, path
+from .checkpoints import load_segmentation_model  # noqa: F401 (part of this module's API)
 
 
 @torch.no_grad()

@@ -35,9 +35,9 @@ def write_feature_pca(volume_path, model, out_png, n_slices: int = 4) -> None:
     import matplotlib.pyplot as plt
 
     from ..data.nifti import read_nifti_volume
-    from ..training.pretrain import load_pretrained_backbone
+    from ..checkpoints import load_backbone
 
-    backbone, cfg, ckpt = load_pretrained_backbone(model)
+    backbone, cfg, ckpt = load_backbone(model)
     backbone.eval()
     volume = read_nifti_volume(volume_path)
     pre_cfg = cfg.preprocess

@@ -343,16 +343,3 @@ def pretrain(
 
 def _silent(*args, **kwargs) -> None:
     pass
-
-
-def load_pretrained_backbone(model: str | Path, map_location="cpu") -> tuple[UNet, RunConfig, Path]:
-    """A backbone from a run folder or checkpoint file (pretraining or downstream)."""
-    from ..checkpoints import config_from_checkpoint
-
-    payload, path = load_checkpoint(model, map_location)
-    cfg = config_from_checkpoint(payload)
-    backbone = UNet(cfg.model)
-    if "backbone" not in payload:
-        raise Pix2RepError(f"{path}: this checkpoint holds no backbone weights")
-    load_state(backbone, payload["backbone"], "backbone", path)
-    return backbone, cfg, path
