@@ -12,7 +12,7 @@ import torch
 
 from pix2rep.config import preset_config
 from pix2rep.models import count_parameters
-from pix2rep.training.pretrain import build_pretraining_modules, pretrain_loss
+from pix2rep.training.pretrain import PretrainNet, build_pretraining_modules, pretrain_step
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--d", type=int, nargs="+", default=[32, 64, 128])
@@ -23,16 +23,15 @@ for d in args.d:
     cfg = preset_config("cpu", model={"out_channels": d})
     backbone, head = build_pretraining_modules(cfg)
     backbone = backbone.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=cfg.pretrain.lr)
+    net = PretrainNet(backbone, head, cfg, amp=True)
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.pretrain.lr)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(cfg.pretrain.batch_size, 1, 128, 128)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        loss = pretrain_loss(backbone, head, x, cfg, gen, amp=True)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        pretrain_step(net, opt, x, gen, params, cfg.pretrain.grad_clip)
         times.append(time.perf_counter() - t0)
     best = min(times[1:])
     print(f"widths {cfg.model.widths}, D={d}: {count_parameters(backbone) / 1e6:.2f}M parameters, "

@@ -11,7 +11,7 @@ usage: python scripts/paired_contrasts.py STUDY
 import sys
 from pathlib import Path
 
-from pix2rep.benchmark import contrast_table, load_cells, summarise_contrasts
+from pix2rep.evaluation.study import contrast_table, load_cells, summarise_contrasts
 
 if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "cells").is_dir():
     sys.exit(__doc__.strip())

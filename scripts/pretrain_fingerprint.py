@@ -16,7 +16,7 @@ import sys
 import torch
 
 from pix2rep.config import preset_config
-from pix2rep.training.pretrain import build_pretraining_modules, pretrain_loss
+from pix2rep.training.pretrain import PretrainNet, build_pretraining_modules, pretrain_step
 
 loss_kind = sys.argv[1] if len(sys.argv) > 1 else "infonce"
 torch.manual_seed(0)
@@ -24,14 +24,13 @@ cfg = preset_config("cpu", pretrain={"loss": loss_kind})
 backbone, head = build_pretraining_modules(cfg)
 backbone.to(memory_format=torch.channels_last).train()
 head.train()
-optimizer = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=cfg.pretrain.lr)
+net = PretrainNet(backbone, head, cfg, amp=True)
+params = list(backbone.parameters()) + list(head.parameters())
+optimizer = torch.optim.Adam(params, lr=cfg.pretrain.lr)
 generator = torch.Generator().manual_seed(0)
 batches = torch.rand(3, 8, 1, 128, 128, generator=torch.Generator().manual_seed(1))
 for step, x in enumerate(batches):
-    loss = pretrain_loss(backbone, head, x, cfg, generator, amp=True)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    loss = pretrain_step(net, optimizer, x, generator, params, cfg.pretrain.grad_clip)  # the training loop's step
     print(f"step {step}: loss {loss.item().hex()}")
 digest = hashlib.sha256()
 for tensor in list(backbone.state_dict().values()) + list(head.state_dict().values()):

@@ -1,6 +1,7 @@
 import pytest
 
 from pix2rep.config import PRESETS, RunConfig, preset_config
+from pix2rep.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -13,9 +14,11 @@ def test_yaml_round_trip(tmp_path, name):
 
 
 def test_unknown_settings_and_values_are_refused():
-    with pytest.raises(ValueError, match="unknown PretrainConfig settings"):
+    # ConfigError is a ValueError: one line, naming the key and suggesting the closest one
+    with pytest.raises(ConfigError, match="unknown PretrainConfig setting 'pretrain.epochz'; did you mean 'pretrain.epochs'"):
         RunConfig.from_dict({"pretrain": {"epochz": 3}})
-    with pytest.raises(ValueError, match="protocol must be one of"):
+    with pytest.raises(ConfigError, match="protocol must be one of"):
         preset_config("cpu", preprocess={"protocol": "magic"})
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset_config("huge")
+    assert issubclass(ConfigError, ValueError)

@@ -1,4 +1,5 @@
-"""Tests of the pixel-level InfoNCE and Barlow Twins losses against slow, obvious references."""
+"""Tests of the losses against slow, obvious references: pixel-level InfoNCE and Barlow Twins,
+the segmentation loss and the Mean Teacher consistency."""
 
 from __future__ import annotations
 
@@ -9,11 +10,25 @@ import torch
 
 from pix2rep.losses import (
     barlow_twins,
+    check_feature_pair,
+    gather_positions,
+    mean_teacher_consistency,
     nt_xent,
-    pixel_barlow_twins_loss,
-    pixel_infonce_loss,
     sample_valid_positions,
+    segmentation_loss,
 )
+
+TEMPERATURE, LAMBDA_OFFDIAG = 0.53, 1 / 256  # the configuration's defaults
+
+
+def pixel_loss(loss_name, z1, z2, valid, n_samples, generator=None, lambda_offdiag=LAMBDA_OFFDIAG):
+    """A pixel-level loss of two aligned feature maps (B, C, H, W), composed as pretraining
+    composes it: up to ``n_samples`` positions valid in both views (all of them for None), the
+    vectors of both maps there, and NT-Xent or Barlow Twins of those vectors."""
+    valid = check_feature_pair(z1, z2, valid)
+    positions = sample_valid_positions(valid, n_samples, generator)
+    u, v = gather_positions(z1, positions), gather_positions(z2, positions)
+    return nt_xent(u, v, TEMPERATURE) if loss_name == "infonce" else barlow_twins(u, v, lambda_offdiag)
 
 
 def slow_nt_xent(u: torch.Tensor, v: torch.Tensor, temperature: float) -> float:
@@ -70,7 +85,7 @@ def test_pixel_infonce_with_all_positions_equals_slow_reference(batch, height, w
     valid = torch.ones(batch, 1, height, width, dtype=torch.bool)
     # n_samples covers every position: the sample is all of them, in a random joint order, to
     # which the loss is invariant.
-    loss = pixel_infonce_loss(z1, z2, valid, n_samples=1000, temperature=0.53, generator=generator)
+    loss = pixel_loss("infonce", z1, z2, valid, 1000, generator)
     u = z1.permute(0, 2, 3, 1).reshape(-1, 6)
     v = z2.permute(0, 2, 3, 1).reshape(-1, 6)
     assert loss.dtype == torch.float32
@@ -99,10 +114,7 @@ def test_gradients_flow_to_both_views(loss_name):
     z1 = torch.randn(2, 8, 6, 6, generator=generator, requires_grad=True)
     z2 = torch.randn(2, 8, 6, 6, generator=generator, requires_grad=True)
     valid = torch.ones(2, 6, 6, dtype=torch.bool)
-    if loss_name == "infonce":
-        loss = pixel_infonce_loss(z1, z2, valid, n_samples=20, generator=generator)
-    else:
-        loss = pixel_barlow_twins_loss(z1, z2, valid)
+    loss = pixel_loss(loss_name, z1, z2, valid, 20 if loss_name == "infonce" else None, generator)
     loss.backward()
     assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
     assert torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
@@ -119,10 +131,7 @@ def test_only_valid_positions_are_used(loss_name, poison):
     poisoned2 = z2.masked_fill(~valid, poison)
 
     def loss(a, b, seed):
-        g = torch.Generator().manual_seed(seed)
-        if loss_name == "infonce":
-            return pixel_infonce_loss(a, b, valid, n_samples=30, generator=g)
-        return pixel_barlow_twins_loss(a, b, valid, max_pixels=30, generator=g)
+        return pixel_loss(loss_name, a, b, valid, 30, torch.Generator().manual_seed(seed))
 
     clean, dirty = loss(z1, z2, 4), loss(poisoned1, poisoned2, 4)
     assert torch.isfinite(dirty) and dirty.item() == clean.item()
@@ -157,17 +166,17 @@ def test_sample_valid_positions():
         ((4, 8, 8), (4, 8, 8), (8, 8), r"\(B, C, H, W\)"),
     ],
 )
-@pytest.mark.parametrize("loss_fn", [pixel_infonce_loss, pixel_barlow_twins_loss])
-def test_shape_errors_state_expected_and_actual(z1_shape, z2_shape, valid_shape, message, loss_fn):
+@pytest.mark.parametrize("loss_name", ["infonce", "barlow"])
+def test_shape_errors_state_expected_and_actual(z1_shape, z2_shape, valid_shape, message, loss_name):
     with pytest.raises(ValueError, match=message):
-        loss_fn(torch.zeros(z1_shape), torch.zeros(z2_shape), torch.ones(valid_shape, dtype=torch.bool))
+        pixel_loss(loss_name, torch.zeros(z1_shape), torch.zeros(z2_shape), torch.ones(valid_shape, dtype=torch.bool), 1000)
 
 
-@pytest.mark.parametrize("loss_fn", [pixel_infonce_loss, pixel_barlow_twins_loss])
-def test_no_valid_position_is_an_error(loss_fn):
+@pytest.mark.parametrize("loss_name", ["infonce", "barlow"])
+def test_no_valid_position_is_an_error(loss_name):
     z = torch.zeros(2, 4, 8, 8)
     with pytest.raises(ValueError, match="no valid position"):
-        loss_fn(z, z, torch.zeros(2, 1, 8, 8, dtype=torch.bool))
+        pixel_loss(loss_name, z, z, torch.zeros(2, 1, 8, 8, dtype=torch.bool), 1000)
 
 
 def test_infonce_under_bf16_autocast_is_float32():
@@ -176,9 +185,9 @@ def test_infonce_under_bf16_autocast_is_float32():
     z2 = torch.randn(2, 16, 8, 8, generator=generator)
     valid = torch.ones(2, 8, 8, dtype=torch.bool)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = pixel_infonce_loss(z1.bfloat16(), z2.bfloat16(), valid, n_samples=64, generator=torch.Generator().manual_seed(0))
-        bt = pixel_barlow_twins_loss(z1.bfloat16(), z2.bfloat16(), valid)
-    reference = pixel_infonce_loss(z1, z2, valid, n_samples=64, generator=torch.Generator().manual_seed(0))
+        loss = pixel_loss("infonce", z1.bfloat16(), z2.bfloat16(), valid, 64, torch.Generator().manual_seed(0))
+        bt = pixel_loss("barlow", z1.bfloat16(), z2.bfloat16(), valid, None)
+    reference = pixel_loss("infonce", z1, z2, valid, 64, torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float32 and bt.dtype == torch.float32
     assert loss.item() == pytest.approx(reference.item(), abs=0.02)
 
@@ -215,13 +224,13 @@ def test_barlow_twins_is_positive_otherwise():
     generator = torch.Generator().manual_seed(99)
     # Noisy copy: C_ii ~ 1 / sqrt(1 + 0.3^2) = 0.96, so the diagonal term alone is ~ 8 * 0.04^2.
     noisy = u + 0.3 * torch.randn(128, 8, generator=generator, dtype=torch.float64)
-    assert barlow_twins(u, noisy) > 5e-3
+    assert barlow_twins(u, noisy, 1 / 256) > 5e-3
     # Correlated channels: identical views, but channel 1 copies channel 0.
     correlated = u.clone()
     correlated[:, 1] = correlated[:, 0]
     assert barlow_twins(correlated, correlated, 1 / 256) == pytest.approx(2 / 256, rel=1e-4)
     # Independent views: the diagonal term is about d.
-    assert barlow_twins(u, decorrelated_standardised(128, 8, seed=1)) > 1
+    assert barlow_twins(u, decorrelated_standardised(128, 8, seed=1), 1 / 256) > 1
 
 
 def test_pixel_barlow_twins_uses_all_valid_pixels():
@@ -231,5 +240,50 @@ def test_pixel_barlow_twins_uses_all_valid_pixels():
     valid = torch.rand(2, 6, 7, generator=generator) < 0.7
     u = z1.permute(0, 2, 3, 1)[valid]
     v = z2.permute(0, 2, 3, 1)[valid]
-    loss = pixel_barlow_twins_loss(z1, z2, valid, lambda_offdiag=0.01)
+    loss = pixel_loss("barlow", z1, z2, valid, None, lambda_offdiag=0.01)
     assert loss.item() == pytest.approx(slow_barlow_twins(u, v, 0.01), abs=1e-5, rel=1e-5)
+
+
+# ---------------------------------------------------------------- across processes
+
+
+def test_gathering_without_a_process_group_changes_nothing():
+    """gather_distributed=True in a single process (no process group): the plain losses, bit for bit."""
+    generator = torch.Generator().manual_seed(7)
+    u = torch.randn(40, 16, generator=generator)
+    v = u + 0.3 * torch.randn(40, 16, generator=generator)
+    assert not torch.distributed.is_initialized()
+    assert torch.equal(nt_xent(u, v, 0.2, gather_distributed=True), nt_xent(u, v, 0.2))
+    assert torch.equal(barlow_twins(u, v, 0.01, gather_distributed=True), barlow_twins(u, v, 0.01))
+
+
+# ---------------------------------------------------------------- downstream
+
+
+def test_mean_teacher_consistency_equals_a_hand_computed_value():
+    # One pixel, three classes: the student's softmax is (1/3, 1/3, 1/3), the teacher's
+    # (1/2, 1/4, 1/4). Squared differences 1/36, 1/144, 1/144 sum to 1/24; the mean over
+    # the B K H W = 3 entries is 1/72.
+    student = torch.zeros(1, 3, 1, 1, requires_grad=True)
+    teacher = torch.tensor([math.log(2.0), 0.0, 0.0]).view(1, 3, 1, 1).requires_grad_()
+    loss = mean_teacher_consistency(student, teacher)
+    assert loss.item() == pytest.approx(1 / 72, rel=1e-6)
+    loss.backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None  # the teacher is a target
+    # bf16 logits (autocast) are compared in float32
+    assert mean_teacher_consistency(student.bfloat16(), teacher.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["dice", "dice-ce"])
+def test_segmentation_loss_is_the_documented_soft_dice(name):
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 4, 6, 5, generator=generator)
+    labels = torch.randint(0, 4, (2, 1, 6, 5), generator=generator)
+    p = torch.softmax(logits.double(), dim=1)
+    y = torch.nn.functional.one_hot(labels[:, 0], 4).permute(0, 3, 1, 2).double()
+    eps = 1e-5
+    dice_per_slice_and_class = (2 * (p * y).sum((2, 3)) + eps) / (p.sum((2, 3)) + y.sum((2, 3)) + eps)
+    expected = 1 - dice_per_slice_and_class.mean()
+    if name == "dice-ce":
+        expected = expected - torch.log(p.gather(1, labels)).mean()
+    assert segmentation_loss(name)(logits, labels).item() == pytest.approx(expected.item(), abs=1e-5)

@@ -12,7 +12,7 @@ import torch
 from pix2rep.cli import main
 from pix2rep.config import preset_config
 from pix2rep.models import SegmentationModel, UNet
-from pix2rep.training.downstream import _optimizer, consistency_weight
+from pix2rep.training.downstream import build_optimizer, consistency_weight
 from pix2rep.training.pretrain import build_pretraining_modules, pretrain_loss, pretrained_prefixes
 
 
@@ -37,9 +37,9 @@ def test_simclr_trains_the_encoder_only_and_starts_near_log_2b_minus_1():
 def test_finetuning_gives_untrained_backbone_parts_the_scratch_rate():
     cfg = preset_config("tiny")
     model = SegmentationModel(UNet(cfg.model), cfg.model.num_classes)
-    whole = _optimizer(model, cfg, "finetune", [""])
+    whole = build_optimizer(model, cfg, "finetune", [""])
     assert [g["lr"] for g in whole.param_groups] == [cfg.downstream.lr_backbone, cfg.downstream.lr_head]
-    split = _optimizer(model, cfg, "finetune", ["encoders."])
+    split = build_optimizer(model, cfg, "finetune", ["encoders."])
     lrs = [g["lr"] for g in split.param_groups]
     assert lrs == [cfg.downstream.lr_backbone, cfg.downstream.lr_scratch, cfg.downstream.lr_head]
     n_encoder = sum(1 for n, _ in model.backbone.named_parameters() if n.startswith("encoders."))

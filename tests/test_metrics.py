@@ -312,3 +312,12 @@ def test_keep_largest_component_per_class():
     labels[1, 8:10, 0:2] = 2  # the only MYO component: kept
     out = keep_largest_component(labels)
     assert (out == 3).sum() == 27 and out[1, 7, 7] == 0 and (out == 2).sum() == 4
+
+
+def test_class_names_come_from_the_one_label_table():
+    from pix2rep.data.nifti import MASK_LABELS
+    from pix2rep.data.volume import CLASS_NAMES as STRUCTURES, LABELS
+
+    assert LABELS == {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
+    assert STRUCTURES == ("RV", "MYO", "LV") == tuple(CLASS_NAMES.values())
+    assert MASK_LABELS == (0, 1, 2, 3)

@@ -162,3 +162,20 @@ def test_extra_cine_frames_become_unlabeled_pretraining_slices():
     assert len(stack_slices([prepared], labeled=False)) == 8  # ED + ES
     assert len(stack_slices([prepared], labeled=False, include_unlabeled=True)) == 16
     assert len(stack_slices([prepared], labeled=True)) == 8  # masks only where there are labels
+
+
+def test_the_locator_scales_come_from_the_config_only():
+    image = np.random.default_rng(0).random((2, 40, 40)).astype(np.float32)
+    with pytest.raises(TypeError, match="blob_mm"):
+        locate_heart(image, (1.5, 1.5))  # no second set of defaults beside PreprocessConfig's
+    Z, H, W = 4, 160, 160
+    yy, xx = np.mgrid[:H, :W]
+    # a small bright blob near the centre and a large one off centre: the blob scale picks one
+    small = np.exp(-(((yy - 80) ** 2 + (xx - 80) ** 2) / (2 * 3.0**2)))
+    large = np.exp(-(((yy - 60) ** 2 + (xx - 110) ** 2) / (2 * 14.0**2)))
+    volume = Volume(image=np.repeat((small + large)[None], Z, 0).astype(np.float32) * 500, spacing=(8.0, 1.5, 1.5))
+    centres = {}
+    for blob in (3.0, 30.0):
+        y0, y1, x0, x1 = prepare_volume(volume, PreprocessConfig(locator_blob_mm=blob, locator_prior_mm=200.0)).box
+        centres[blob] = ((y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2)
+    assert np.allclose(centres[3.0], (80, 80), atol=2) and np.allclose(centres[30.0], (60, 110), atol=3)

@@ -132,3 +132,25 @@ def test_this_cpu_reports_its_bf16_support_as_mkldnn_does():
     from pix2rep.runtime import bf16_is_native
 
     assert bf16_is_native(torch.device("cpu")) is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_bench_times_the_functions_the_training_loops_run(monkeypatch):
+    from pix2rep import speed
+    from pix2rep.config import preset_config
+    from pix2rep.training import downstream, pretrain
+
+    calls = []
+    for module, name in ((pretrain, "make_views"), (pretrain, "pretrain_step"), (downstream, "train_step")):
+        def recorded(*args, _real=getattr(module, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+    cfg = preset_config("tiny", preprocess={"size": 32}, pretrain={"batch_size": 2}, downstream={"batch_size": 2})
+    augment, _, full_step, _ = speed._pretraining_parts(cfg, torch.device("cpu"), amp=False)
+    augment()
+    assert calls == ["make_views"]
+    full_step()
+    assert calls[1:] == ["pretrain_step", "make_views"]  # the step's own augmentation inside
+    speed._downstream_slices_per_s(cfg, torch.device("cpu"), amp=False, repeats=1)
+    assert calls[3:] == ["train_step"] * 3  # two warm-up steps and one timed

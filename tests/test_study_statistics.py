@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pix2rep.benchmark import paired_difference, summarise_contrasts, summarise_grid, write_report
+from pix2rep.evaluation.study import paired_difference, summarise_contrasts, summarise_grid, write_report
 
 CLASSES = ("RV", "MYO", "LV")
 
@@ -66,7 +66,7 @@ def test_baseline_column_uses_the_same_pairing():
 
 
 def test_report_names_the_machines_the_cells_recorded_and_counts_the_rest():
-    from pix2rep.benchmark import where_cells_ran
+    from pix2rep.evaluation.study import where_cells_ran
 
     gpu = {"machine": "H200", "torch": "2.11"}
     cpu = {"machine": "EPYC", "torch": "2.13"}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pix2rep.data.synthetic import GROUPS, make_synthetic_patient, write_synthetic_dataset
+from pix2rep.errors import OutputExistsError
 
 BACKGROUND, RV, MYO, LV = 0, 1, 2, 3
 SEEDS = (0, 1, 2)
@@ -169,6 +170,46 @@ def test_write_dataset_is_idempotent_and_safe(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExistsError, match="not a pix2rep synthetic data set"):
         write_synthetic_dataset(foreign, n_patients=1)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_write_dataset_never_deletes_a_foreign_folder_even_with_overwrite(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="even with --overwrite") as refused:
+        write_synthetic_dataset(foreign, n_patients=1, overwrite=True)
+    assert "\n" not in str(refused.value)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_write_dataset_replaces_other_parameters_only_when_allowed(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "synthetic", n_patients=2, seed=0)
+    # what `pix2rep data synthetic --out` does: another data set there is an overwrite
+    with pytest.raises(OutputExistsError, match=r"other parameters \(n_patients 2, seed 0\); pass --overwrite"):
+        write_synthetic_dataset(root, n_patients=1, seed=4, replace_other_synthetic=False)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["patient001", "patient002"]
+    # the same parameters are still reused as they are
+    stamp = (root / "patient001" / "patient001_frame01.nii.gz").stat().st_mtime_ns
+    assert write_synthetic_dataset(root, n_patients=2, seed=0, replace_other_synthetic=False) == root
+    assert (root / "patient001" / "patient001_frame01.nii.gz").stat().st_mtime_ns == stamp
+    # --overwrite replaces it
+    write_synthetic_dataset(root, n_patients=1, seed=4, overwrite=True, replace_other_synthetic=False)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["patient001"]
+
+
+def test_write_dataset_with_overwrite_writes_the_same_parameters_again(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "synthetic", n_patients=1, seed=0)
+    (root / "patient001" / "patient001_frame01.nii.gz").unlink()  # a damaged copy
+    write_synthetic_dataset(root, n_patients=1, seed=0, overwrite=True)
+    assert (root / "patient001" / "patient001_frame01.nii.gz").is_file()
+
+
+def test_is_synthetic_dataset(tmp_path):
+    from pix2rep.data.synthetic import is_synthetic_dataset
+
+    assert is_synthetic_dataset(write_synthetic_dataset(tmp_path / "synthetic", n_patients=1))
+    assert not is_synthetic_dataset(tmp_path) and not is_synthetic_dataset(tmp_path / "nowhere")

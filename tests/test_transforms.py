@@ -12,6 +12,7 @@ from pix2rep.transforms import (
     FLIP_X,
     FLIP_Y,
     IntensityAugmentConfig,
+    SpatialAugmentConfig,
     augment_intensity,
     bias_field,
     gaussian_blur,
@@ -108,14 +109,14 @@ def test_valid_mask_for_zoom_out_is_centred_square():
 
 def test_valid_region_reads_no_padding():
     """Inside the valid mask, warping a constant image gives the constant exactly."""
-    theta = sample_affine(4, torch.Generator().manual_seed(3))
+    theta = sample_affine(4, torch.Generator().manual_seed(3), SpatialAugmentConfig())
     warped, valid = warp(torch.ones(4, 1, SIZE, SIZE), theta)
     assert torch.allclose(warped[valid], torch.ones(()), atol=1e-5)
 
 
 def test_sampled_parameters_stay_in_range_and_flip_frequencies():
     n = 20000
-    params = sample_affine_params(n, torch.Generator().manual_seed(0))
+    params = sample_affine_params(n, torch.Generator().manual_seed(0), SpatialAugmentConfig())
     assert params.angle.abs().max() <= 90 and params.angle.abs().max() > 89
     assert params.scale.min() >= 0.33 and params.scale.max() <= 0.95
     assert (params.tx.abs() <= 1 - params.scale + 1e-6).all()
@@ -126,7 +127,7 @@ def test_sampled_parameters_stay_in_range_and_flip_frequencies():
 
 
 def test_theta_matches_parameters():
-    params = sample_affine_params(256, torch.Generator().manual_seed(1))
+    params = sample_affine_params(256, torch.Generator().manual_seed(1), SpatialAugmentConfig())
     theta = params.to_theta()
     linear = theta[:, :, :2]
     # |det A| = s^2, sign -1 exactly when flipped; translation is (tx, ty).
@@ -138,8 +139,18 @@ def test_theta_matches_parameters():
     assert torch.allclose(invert_affine(invert_affine(theta)), theta, atol=1e-5)
 
 
+def test_sampling_follows_the_spatial_configuration():
+    from pix2rep import config
+
+    assert config.SpatialAugmentConfig is SpatialAugmentConfig  # one definition, read by RunConfig
+    narrow = SpatialAugmentConfig(rotation_deg=10.0, scale=(0.5, 0.6), flip_probs=(1.0, 0.0, 0.0))
+    params = sample_affine_params(500, torch.Generator().manual_seed(0), narrow)
+    assert params.angle.abs().max() <= 10 and params.scale.min() >= 0.5 and params.scale.max() <= 0.6
+    assert (params.flip == FLIP_NONE).all()
+
+
 def test_invert_affine_composes_to_identity():
-    theta = sample_affine(16, torch.Generator().manual_seed(2)).double()
+    theta = sample_affine(16, torch.Generator().manual_seed(2), SpatialAugmentConfig()).double()
     inverse = invert_affine(theta)
     bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(16, 1, 3)
     product = torch.cat([theta, bottom], 1) @ torch.cat([inverse, bottom], 1)
@@ -147,9 +158,9 @@ def test_invert_affine_composes_to_identity():
 
 
 def test_sampling_is_deterministic_per_seed():
-    a = sample_affine(8, torch.Generator().manual_seed(5))
-    b = sample_affine(8, torch.Generator().manual_seed(5))
-    c = sample_affine(8, torch.Generator().manual_seed(6))
+    a = sample_affine(8, torch.Generator().manual_seed(5), SpatialAugmentConfig())
+    b = sample_affine(8, torch.Generator().manual_seed(5), SpatialAugmentConfig())
+    c = sample_affine(8, torch.Generator().manual_seed(6), SpatialAugmentConfig())
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -160,7 +171,7 @@ def test_sample_at_equals_warp(channels_last):
     if channels_last:
         features = features.to(memory_format=torch.channels_last)
     # Include zoom-outs so that some sources fall in the padding, where both must give zeros.
-    theta = sample_affine(3, generator, scale=(0.5, 1.6))
+    theta = sample_affine(3, generator, SpatialAugmentConfig(scale=(0.5, 1.6)))
     warped, _ = warp(features, theta)
     b = torch.randint(0, 3, (500,), generator=generator)
     y = torch.randint(0, 20, (500,), generator=generator)
@@ -172,7 +183,7 @@ def test_sample_at_equals_warp(channels_last):
 
 def test_sample_at_is_differentiable():
     features = torch.randn(2, 3, 8, 8, requires_grad=True)
-    theta = sample_affine(2, torch.Generator().manual_seed(0))
+    theta = sample_affine(2, torch.Generator().manual_seed(0), SpatialAugmentConfig())
     positions = tuple(torch.tensor(v) for v in ([0, 1], [3, 4], [4, 3]))
     sample_at(features, theta, positions).sum().backward()
     assert features.grad is not None and features.grad.abs().sum() > 0
@@ -180,14 +191,14 @@ def test_sample_at_is_differentiable():
 
 def test_warp_under_bf16_autocast_keeps_dtype():
     x = torch.rand(2, 4, 16, 16).to(torch.bfloat16)
-    theta = sample_affine(2, torch.Generator().manual_seed(0))
+    theta = sample_affine(2, torch.Generator().manual_seed(0), SpatialAugmentConfig())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         warped, valid = warp(x, theta)
     assert warped.dtype == torch.bfloat16 and valid.shape == (2, 1, 16, 16)
 
 
 def test_valid_mask_matches_warp_mask():
-    theta = sample_affine(2, torch.Generator().manual_seed(0))
+    theta = sample_affine(2, torch.Generator().manual_seed(0), SpatialAugmentConfig())
     assert torch.equal(valid_mask(theta, 16, 12), warp(torch.rand(2, 1, 16, 12), theta)[1])
 
 
@@ -326,7 +337,7 @@ def test_intensity_and_warp_on_cuda():
     generator = torch.Generator(device="cuda").manual_seed(0)
     out = augment_intensity(x, IntensityAugmentConfig(), generator)
     assert out.device.type == "cuda" and out.min() >= 0 and out.max() <= 1
-    theta = sample_affine(4, generator)
+    theta = sample_affine(4, generator, SpatialAugmentConfig())
     assert theta.device.type == "cuda"
     warped, valid = warp(out, theta)
     positions = tuple(torch.tensor(v, device="cuda") for v in ([0, 3], [5, 6], [7, 8]))

@@ -1,15 +1,19 @@
 """The label-efficiency study: Dice versus number of annotated patients, per method.
 
-Grid: methods x N annotated patients (stratified, nested) x seeds. Each finished cell
-(method, N, seed) is stored atomically as ``cells/<method>-N<n>-s<seed>.json`` and never
-recomputed on ``--resume``. Every method gets the same downstream budget (steps, batch size,
-stopping rule); only learning rates differ, as METHOD section 5 prescribes.
+Grid (``RunConfig.study``, a :class:`~pix2rep.config.StudyPlan`): methods x N annotated
+patients (stratified, nested) x seeds. Each finished cell (method, N, seed) is stored
+atomically as ``cells/<method>-N<n>-s<seed>.json`` and never recomputed on ``--resume``. Every
+method gets the same downstream budget (steps, batch size, stopping rule); only learning rates
+differ, as METHOD section 5 prescribes. Statistics and the report: :mod:`pix2rep.evaluation.study`.
+
+Running the study is training: this module calls the two training entry points
+(:func:`~pix2rep.training.pretrain.pretrain`, :func:`~pix2rep.training.downstream.train_segmentation`)
+and nothing else of training.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,11 +21,20 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write_bytes
+from .checkpoints import PretrainedBackbone, load_checkpoint, load_pretrained_backbone_weights
 from .config import RunConfig
-from .data.dataset import PreparedPatient
-from .data.sampling import sample_few_shot_patients
-from .atomic import atomic_write_bytes, save_figure
-from .provenance import read_invocations
+from .data.dataset import PreparedPatient, load_patients
+from .data.sampling import sample_few_shot_patients, split_development
+from .data.synthetic import is_synthetic_dataset
+from .errors import ConfigError, Pix2RepError
+from .evaluation.evaluate import evaluate_patients
+from .evaluation.study import load_cells, write_report
+from .provenance import log_invocation, machine_meta
+from .runs import check_run_dir, prepare_run_dir
+from .runtime import resolve_device
+from .training.downstream import train_segmentation
+from .training.pretrain import pretrain
 
 # method name -> (downstream mode, the pretraining it starts from, or None for a random start)
 METHODS: dict[str, tuple[str, Optional[str]]] = {
@@ -38,30 +51,7 @@ METHODS: dict[str, tuple[str, Optional[str]]] = {
     "invariance-lp": ("probe", "invariance"),
     "invariance-ft": ("finetune", "invariance"),
 }
-METHOD_LABELS = {
-    "baseline": "supervised baseline (from scratch)",
-    "pix2rep-lp": "Pix2Rep linear probe",
-    "pix2rep-ft": "Pix2Rep fine-tuning",
-    "random-lp": "linear probe on a random backbone (floor)",
-    "pix2rep-v2-lp": "Pix2Rep-v2 (Barlow Twins) linear probe",
-    "pix2rep-v2-ft": "Pix2Rep-v2 (Barlow Twins) fine-tuning",
-    "pix2rep-mt": "Pix2Rep fine-tuning + Mean Teacher",
-    "baseline-mt": "baseline + Mean Teacher",
-    "simclr-lp": "SimCLR (image-level) linear probe on a random decoder",
-    "simclr-ft": "SimCLR (image-level) fine-tuning",
-    "invariance-lp": "invariance ablation (no spatial transform) linear probe",
-    "invariance-ft": "invariance ablation (no spatial transform) fine-tuning",
-}
-# the paper's further claims and what the baselines isolate, as paired comparisons (beyond the
-# comparison of every method with the baseline): (method, reference, what the difference measures)
-CONTRASTS: list[tuple[str, str, str]] = [
-    ("pix2rep-v2-ft", "pix2rep-ft", "Barlow Twins (v2) instead of the contrastive loss, fine-tuned"),
-    ("pix2rep-v2-lp", "pix2rep-lp", "Barlow Twins (v2) instead of the contrastive loss, probed"),
-    ("pix2rep-mt", "pix2rep-ft", "Mean Teacher added to Pix2Rep fine-tuning"),
-    ("pix2rep-ft", "invariance-ft", "the spatial transform between the views (equivariance)"),
-    ("pix2rep-ft", "simclr-ft", "pixel-level instead of image-level pretraining"),
-]
-# pretraining kind -> (its run folder inside RESULTS_DIR, what changes from the preset's pretraining)
+# pretraining kind -> (its run folder inside the study folder, what changes from the preset's pretraining)
 PRETRAININGS: dict[str, tuple[str, dict]] = {
     "pix2rep": ("pretrain", {}),
     "pix2rep-v2": ("pretrain-v2", {"pretrain": {"loss": "barlow"}}),
@@ -76,7 +66,8 @@ def pretraining_config(cfg: RunConfig, kind: str) -> RunConfig:
     for section, changes in PRETRAININGS[kind][1].items():
         data[section] = {**data[section], **changes}
     return RunConfig.from_dict(data)
-CLASSES = ("RV", "MYO", "LV")
+
+
 
 
 def cell_name(method: str, n: int, seed: int) -> str:
@@ -98,10 +89,6 @@ def run_cell(
 
     ``backbones`` maps a pretraining kind to (backbone state, pretrained name prefixes).
     Mean Teacher methods use the whole pool, unlabeled, as their unlabeled set."""
-    from .evaluation.evaluate import evaluate_patients
-    from .runtime import resolve_device
-    from .training.downstream import train_segmentation
-
     mode, kind = METHODS[method]
     state, prefixes = backbones[kind] if kind else (None, None)
     cell_cfg = RunConfig.from_dict(cfg.to_dict())
@@ -130,288 +117,112 @@ def run_cell(
     }
 
 
+def check_no_evaluation_leak(weights: PretrainedBackbone, evaluation: Sequence[PreparedPatient], eval_root: Path) -> None:
+    """Refuse a pretrained backbone that saw the study's evaluation patients.
+
+    Pretraining uses no labels, but images of the evaluation patients seen in pretraining still
+    inflate the study's figures. The checkpoint names its pretraining patients (or, before it
+    did, its data folder and split); an overlap with the evaluation patients of the same
+    dataset is refused, saying which."""
+    recorded, _, split = weights.config.data.partition(" [")
+    same_data = bool(recorded) and Path(recorded).resolve() == Path(eval_root).resolve()
+    eval_ids = {p.id for p in evaluation}
+    if weights.patients:
+        leaked = sorted(eval_ids & set(weights.patients)) if same_data else []
+    else:
+        leaked = sorted(eval_ids) if same_data and split.rstrip("]") in ("", "all") else []
+    if leaked:
+        raise Pix2RepError(
+            f"{weights.path}: pretrained on {len(leaked)} of this study's evaluation patients "
+            f"({', '.join(leaked[:4])}{', ...' if len(leaked) > 4 else ''}) of {recorded}; its figures would be "
+            "inflated. Pretrain on the pool only (`pix2rep pretrain --split dev-pool`), or let the study pretrain")
 
 
+def run_study(cfg: RunConfig, data: str | Path, out: str | Path, *, model: Optional[str] = None, resume: bool = False,
+              overwrite: bool = False, report_only: bool = False, cache=None, progress: bool = True,
+              log: Callable[[str], None] = print) -> Path:
+    """Run, continue (``resume``) or only re-report (``report_only``) the study of ``cfg.study`` on
+    ``data``; write cells, REPORT.md, runs.csv, dice_vs_n.png, summary.json and config.yaml (which
+    reruns it) into ``out``. ``model`` stands for the Pix2Rep pretraining."""
+    plan = cfg.study
+    unknown = [m for m in plan.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    if report_only and overwrite:
+        raise ConfigError("--report-only rewrites the report of an existing study; it cannot take --overwrite")
+    check_run_dir(out, resume or report_only, overwrite)
+    cfg = RunConfig.from_dict(cfg.to_dict())  # the caller's stays as given
+    backbones: dict = {}  # pretraining kind -> (backbone state, pretrained name prefixes)
+    weights = load_pretrained_backbone_weights(model) if model else None
+    if weights is not None:
+        cfg.model, cfg.preprocess = weights.config.model, weights.config.preprocess
+        backbones["pix2rep"] = (weights.state, weights.prefixes)
+        cfg.pretrained = str(weights.path.resolve())
+    t_start = time.time()
+    stage_seconds = {}
+    patients = load_patients(data, cfg, cache, log=log)
+    if plan.eval_data:
+        pool, evaluation, eval_root = patients, load_patients(plan.eval_data, cfg, cache, log=log), plan.eval_data
+        eval_desc = f"`{plan.eval_data}` ({len(evaluation)} patients)"
+    else:
+        (pool, evaluation), eval_root = split_development(patients), data
+        if not evaluation:
+            raise Pix2RepError(f"{data}: not the ACDC training set (no development patients); pass --eval-data")
+        eval_desc = "the 20 held-out ACDC development patients (ED and ES)"
+    if weights is not None:
+        check_no_evaluation_leak(weights, evaluation, Path(eval_root))
+    stage_seconds["data preparation (this invocation)"] = time.time() - t_start
+    out = prepare_run_dir(out, resume or report_only, overwrite)
+    log_invocation(out)
+    cfg.data = str(Path(data).resolve())
+    cfg.save(out / "config.yaml")
+    cells_dir = out / "cells"
+    cells_dir.mkdir(exist_ok=True)
+    grid = [(m, n, s) for n in plan.n for s in plan.seeds for m in plan.methods if n <= len(pool)]
+    if plan.full_pool and len(pool) not in plan.n:
+        grid += [(m, len(pool), plan.seeds[0]) for m in plan.methods]
+    # Methods run grouped by the pretraining they start from, each pretraining just before its
+    # first missing cell: an interrupted study keeps whole methods, and a resume whose cells all
+    # exist pretrains nothing.
+    grid.sort(key=lambda cell: -1 if METHODS[cell[0]][1] is None else list(PRETRAININGS).index(METHODS[cell[0]][1]))
 
+    def pretrain_for_study(kind: str) -> tuple[dict, list[str]]:
+        t0 = time.time()
+        pre_dir = out / PRETRAININGS[kind][0]
+        pre_dir.mkdir(exist_ok=True)
+        log(f"pretraining: {kind} -> {pre_dir}")
+        # pretrain() itself knows when a resumed run has nothing left to do (epochs or time spent)
+        pretrain(pretraining_config(cfg, kind), pool, pre_dir, resume=(pre_dir / "last.pt").exists(), progress=progress, log=log)
+        payload, _ = load_checkpoint(pre_dir / "best.pt")
+        stage_seconds[f"pretraining {kind} (this invocation)"] = time.time() - t0
+        return payload["backbone"], payload.get("pretrained_prefixes", [""])
 
-def total_stage_seconds(out: Path, cells: list[dict]) -> dict[str, float]:
-    """Wall time per stage summed over every invocation: pretraining epochs and grid cells."""
-    from .runs import MetricsLog
-
-    stages = {}
-    for kind, (folder, _) in PRETRAININGS.items():
-        pre = out / folder / "metrics.csv"
-        if pre.exists():
-            label = "pretraining" if kind == "pix2rep" else f"pretraining {kind}"
-            stages[label] = sum(float(r["seconds"]) for r in MetricsLog(pre, ()).rows)
-    stages["downstream training"] = sum(c["train_seconds"] for c in cells)
-    stages["evaluation"] = sum(c["eval_seconds"] for c in cells)
-    for method in sorted({c["method"] for c in cells}, key=lambda m: list(METHODS).index(m) if m in METHODS else 99):
-        stages[f"downstream training + evaluation, {method}"] = sum(
-            c["train_seconds"] + c["eval_seconds"] for c in cells if c["method"] == method)
-    return stages
-
-
-def load_cells(cells_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
-
-
-# -- statistics ---------------------------------------------------------------------------------
-
-
-def per_patient_dice(cell: dict) -> dict[str, float]:
-    """Mean Dice over phases and the 3 classes, per evaluation patient."""
-    by_patient: dict[str, list[float]] = {}
-    for r in cell["rows"]:
-        by_patient.setdefault(r["patient"], []).append(float(r["dice_mean"]))
-    return {p: float(np.mean(v)) for p, v in by_patient.items()}
-
-
-def cell_mean(cell: dict, key: str = "dice_mean") -> float:
-    """Mean over evaluation volumes (patients x phases) of one metric."""
-    return float(np.nanmean([float(r[key]) for r in cell["rows"]]))
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean of ``values``."""
-    values = np.asarray(values, dtype=float)
-    if values.size < 2:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def index_cells(cells: list[dict]) -> dict:
-    """(method, N, seed) -> cell."""
-    return {(c["method"], c["n"], c["seed"]): c for c in cells}
-
-
-def paired_difference(index: dict, method: str, reference: str, n: int) -> Optional[tuple[float, float, float]]:
-    """Dice of ``method`` minus Dice of ``reference``, paired by patient: (mean, 95 % CI low, high).
-
-    For each seed both have at this N (so the same annotated patients), the per-patient Dice
-    differences; these are averaged over seeds, then over patients, with a percentile bootstrap
-    interval over patients. ``index`` is :func:`index_cells`. None: no shared seed."""
-    diffs = []
-    for seed in sorted(seed for (m, k, seed) in index if m == method and k == n):
-        ref = index.get((reference, n, seed))
-        if ref is None:
+    # --report-only trains nothing, so it runs anywhere: a GPU study's report can be rebuilt on a laptop
+    device = None if report_only else resolve_device(cfg.device)
+    meta = {**machine_meta(device), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
+            "preset": cfg.preset, "pool_size": len(pool), "planned_seeds": Counter((m, n) for m, n, _ in grid),
+            "pretraining_folders": {kind: folder for kind, (folder, _) in PRETRAININGS.items()},
+            "budget": f"{cfg.downstream.steps} optimiser steps of batch {cfg.downstream.batch_size} for every method, "
+                      f"rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
+    synthetic = is_synthetic_dataset(data)
+    grid_seconds = 0.0
+    for i, (m, n, s) in enumerate(grid, 1):
+        cell_file = cells_dir / f"{cell_name(m, n, s)}.json"
+        if cell_file.exists() or report_only:
             continue
-        a, b = per_patient_dice(index[(method, n, seed)]), per_patient_dice(ref)
-        diffs.append([a[p] - b[p] for p in sorted(a) if p in b])
-    if not diffs:
-        return None
-    per_patient = np.mean(np.array(diffs), axis=0)  # averaged over seeds
-    return (float(per_patient.mean()), *bootstrap_ci(per_patient))
-
-
-def summarise_grid(cells: list[dict]) -> dict:
-    """table[method][n] = {"dice": (mean, std, seeds), per class ..., "diff": (mean, lo, hi)}."""
-    table: dict = {}
-    index = index_cells(cells)
-    for (method, n, seed), c in index.items():
-        table.setdefault(method, {}).setdefault(n, {"cells": []})["cells"].append(c)
-    for method, by_n in table.items():
-        for n, entry in by_n.items():
-            cs = entry["cells"]
-            for key in ["dice_mean"] + [f"dice_{k}" for k in CLASSES]:
-                vals = np.array([cell_mean(c, key) for c in cs])
-                entry[key] = (float(vals.mean()), float(vals.std(ddof=0)), len(vals))
-            if method != "baseline":
-                diff = paired_difference(index, method, "baseline", n)
-                if diff is not None:
-                    entry["diff"] = diff
-    return table
-
-
-def summarise_contrasts(cells: list[dict]) -> dict:
-    """contrasts["A - B"][n] = paired_difference of A against B, for the pairs of CONTRASTS present."""
-    index = index_cells(cells)
-    out: dict = {}
-    for method, reference, _ in CONTRASTS:
-        for n in sorted({k for (m, k, _s) in index if m == method}):
-            diff = paired_difference(index, method, reference, n)
-            if diff is not None:
-                out.setdefault(f"{method} - {reference}", {})[n] = diff
-    return out
-
-
-def contrast_table(contrasts: dict) -> list[str]:
-    """The Markdown table of :func:`summarise_contrasts`, in the order of CONTRASTS."""
-    lines = ["| comparison | what it measures | N | difference (Dice points) | 95 % CI |", "|---|---|---|---|---|"]
-    for method, reference, measures in CONTRASTS:
-        for n, d in contrasts.get(f"{method} - {reference}", {}).items():
-            lines.append(f"| {method} - {reference} | {measures} | {n} | {d[0]:+.3f} | [{d[1]:+.3f}, {d[2]:+.3f}] |")
-    return lines
-
-
-def efficiency_factor(table: dict, method: str, n: int, pool_size: int) -> str:
-    """How many annotated patients the baseline needs to match ``method`` at ``n``.
-
-    Interpolates the baseline's mean Dice linearly on a log N axis; returns e.g. "3.4x
-    (baseline needs 6.8 patients)" or "more than 80/N" when the baseline never matches it.
-    """
-    if method not in table or n not in table[method] or "baseline" not in table:
-        return "n/a"
-    target = table[method][n]["dice_mean"][0]
-    ns = sorted(table["baseline"])
-    ys = [table["baseline"][k]["dice_mean"][0] for k in ns]
-    for (n0, y0), (n1, y1) in zip([(None, None)] + list(zip(ns, ys)), zip(ns, ys)):
-        if y1 >= target:
-            if n0 is None or y1 == y0:
-                needed = float(n1)
-            else:
-                t = (target - y0) / (y1 - y0)
-                needed = float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
-            if needed <= n:
-                return f"none: the baseline already matches it at N = {n1}"
-            return f"{needed / n:.1f}x (baseline needs {needed:.1f} patients)"
-    return f"more than {max(ns) // n}x (baseline never matches it up to N = {max(ns)})"
-
-
-# -- report -------------------------------------------------------------------------------------
-
-
-def _cells(k: int) -> str:
-    return f"{k} cell" + ("s" if k != 1 else "")
-
-
-def where_cells_ran(cells: list[dict], meta: dict) -> list[str]:
-    """Report lines naming the machines and torch builds the cells recorded.
-
-    A report can be rebuilt on another machine (``--report-only``), so the machine writing it
-    is never taken for the one that ran a cell."""
-    counts = Counter((c["machine"], c["torch"]) for c in cells if "machine" in c)
-    lines = [f"- machine: {machine}; torch {torch_version}" + (f" ({_cells(k)})" if len(counts) > 1 else "")
-             for (machine, torch_version), k in counts.most_common()]
-    unrecorded = sum("machine" not in c for c in cells)
-    if unrecorded:
-        lines.append(f"- machine: not recorded by {_cells(unrecorded)} (written before cells recorded it); "
-                     f"this report was written on {meta.get('machine')}; torch {meta.get('torch')}")
-    return lines or [f"- machine: {meta.get('machine')}; torch {meta.get('torch')}"]
-
-
-def _fmt(mean_std, seeds_planned: int = 0) -> str:
-    """``mean ± std`` over seeds; an entry with fewer seeds than planned (a cut-short run) says so."""
-    m, s, k = mean_std
-    text = f"{m:.3f} ± {s:.3f}" if k > 1 else f"{m:.3f}"
-    return text + (f" ({k} of {seeds_planned} seeds)" if 0 < k < seeds_planned else "")
-
-
-def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = False) -> dict:
-    """Write runs.csv, REPORT.md and dice_vs_n.png from the finished cells.
-
-    ``meta["planned_seeds"]`` maps (method, N) to the number of seeds the grid asked for: an entry
-    with fewer finished seeds is marked "(k of S seeds)"."""
-    from .evaluation.report import write_csv
-
-    rows = []
-    for c in cells:
-        for r in c["rows"]:
-            for k in CLASSES:
-                rows.append({**({"data": "SYNTHETIC"} if synthetic else {}),
-                             "method": c["method"], "N": c["n"], "seed": c["seed"], "patient": r["patient"],
-                             "phase": r["phase"], "class": k, "dice": r[f"dice_{k}"], "hd95": r[f"hd95_{k}"]})
-    write_csv(out / "runs.csv", rows)
-    table = summarise_grid(cells)
-    methods = [m for m in METHODS if m in table] + sorted(m for m in table if m not in METHODS)
-    ns = sorted({c["n"] for c in cells})
-    planned = meta.get("planned_seeds", {})  # (method, N) -> seeds the grid asked for
-    prefix = "SYNTHETIC DATA: " if synthetic else ""
-    lines = [f"# {prefix}Label-efficiency study", ""]
-    if synthetic:
-        lines += ["**These numbers come from pix2rep's synthetic images, not from real MRI. They say nothing about "
-                  "performance on real data.**", ""]
-    lines += [f"Data: `{meta.get('data')}`; evaluation: {meta.get('evaluation')}; protocol `{meta.get('protocol')}`; "
-              f"preset `{meta.get('preset')}`.", "",
-              "Dice: 3D, per volume at native resolution, mean over the 3 classes (RV, MYO, LV), then over "
-              "evaluation volumes (patients x ED/ES); mean ± std across seeds.", ""]
-    lines += ["## Mean Dice versus number of annotated patients", "",
-              "| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
-    for m in methods:
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(
-            _fmt(table[m][n]["dice_mean"], planned.get((m, n), 0)) if n in table[m] else "" for n in ns) + " |")
-    lines += ["", "## Per class", "", "| method | N | RV | MYO | LV |", "|---|---|---|---|---|"]
-    for m in methods:
-        for n in ns:
-            if n in table[m]:
-                e = table[m][n]
-                lines.append(f"| {m} | {n} | " + " | ".join(_fmt(e[f'dice_{k}'], planned.get((m, n), 0)) for k in CLASSES) + " |")
-    lines += ["", "## Paired difference against the baseline", "",
-              "Per evaluation patient, Dice of the method minus Dice of the baseline trained on the same patients "
-              "(same N and seed), averaged over seeds; 95 % bootstrap interval over patients.", "",
-              "| method | N | difference (Dice points) | 95 % CI |", "|---|---|---|---|"]
-    for m in methods:
-        for n in ns:
-            d = table[m].get(n, {}).get("diff")
-            if d:
-                lines.append(f"| {m} | {n} | {d[0]:+.3f} | [{d[1]:+.3f}, {d[2]:+.3f}] |")
-    contrasts = summarise_contrasts(cells)
-    if contrasts:
-        lines += ["", "## Paired differences between methods", "",
-                  "The same pairing, of the first method against the second: the paper's further claims, and "
-                  "what each baseline isolates.", "", *contrast_table(contrasts)]
-    headline = {}
-    if "baseline" in table and 1 in table["baseline"]:
-        lines += ["", "## Headline figures (the paper's claims, measured)", ""]
-        base1 = table["baseline"][1]["dice_mean"][0]
-        for m in ("pix2rep-lp", "pix2rep-ft"):
-            if m in table and 1 in table[m]:
-                v = table[m][1]["dice_mean"][0]
-                rel = 100 * (v - base1) / base1 if base1 > 0 else float("inf")
-                headline[m] = {"points": v - base1, "relative_percent": rel}
-                lines.append(f"- One-shot (N = 1), {METHOD_LABELS[m]}: {v:.3f} vs baseline {base1:.3f}: "
-                             f"{v - base1:+.3f} Dice points, {rel:+.1f} % relative (paper: +30 % LP, +31 % FT).")
-        pool = meta.get("pool_size", 80)
-        for m in ("pix2rep-lp", "pix2rep-ft"):
-            for n in (1, 2, 5):
-                if m in table and n in table[m]:
-                    lines.append(f"- Annotation efficiency, {m} at N = {n}: {efficiency_factor(table, m, n, pool)} "
-                                 "(paper: about 5x).")
-    invocations = read_invocations(out)
-    first = invocations[0]["command"] if invocations else meta.get("command")
-    lines += ["", "![Dice versus N](dice_vs_n.png)", "", "## How this was produced", "",
-              f"- command: `{first}`"]
-    for inv in invocations[1:]:
-        at = f", commit `{inv['commit']}`" if "commit" in inv else ""
-        lines.append(f"- continued with: `{inv['command']}` ({inv['started']}{at})")
-    first_commit = (invocations[0].get("commit") if invocations else None) or meta.get("commit")
-    lines += [f"- git commit: `{first_commit}`" + (" (of the first command)" if len(invocations) > 1 else ""),
-              *where_cells_ran(cells, meta), f"- pix2rep {meta.get('version')}",
-              f"- downstream budget: {meta.get('budget')}"]
-    for stage, secs in {**total_stage_seconds(out, cells), **meta.get("stage_seconds", {})}.items():
-        lines.append(f"- wall time, {stage}: {secs / 60:.1f} min")
-    atomic_write_bytes(out / "REPORT.md", ("\n".join(lines) + "\n").encode())
-    plot_dice_vs_n(table, methods, out / "dice_vs_n.png", prefix)
-    return {"table": {m: {str(n): {k: v for k, v in e.items() if k != "cells"} for n, e in by.items()} for m, by in table.items()},
-            "contrasts": {name: {str(n): d for n, d in by.items()} for name, by in contrasts.items()},
-            "headline": headline, "synthetic_data": synthetic}
-
-
-def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
-    for m in methods:
-        ns = sorted(table[m])
-        means = [table[m][n]["dice_mean"][0] for n in ns]
-        stds = [table[m][n]["dice_mean"][1] for n in ns]
-        ax.errorbar(ns, means, yerr=stds, marker="o", ms=4, capsize=3, label=METHOD_LABELS.get(m, m))
-    ax.set_xscale("log")
-    ax.set_xlabel("annotated patients N (log scale)")
-    ax.set_ylabel("mean 3D Dice (RV, MYO, LV)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3, which="both")
-    ax.set_title(f"{prefix}Dice versus number of annotated patients", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, out_png)
-
-
-
-
+        kind = METHODS[m][1]
+        if kind is not None and kind not in backbones:
+            backbones[kind] = pretrain_for_study(kind)
+        t0 = time.time()
+        cell = run_cell(cfg, m, n, s, pool, evaluation, backbones, progress=progress, log=log)
+        cell.update({key: meta[key] for key in ("machine", "torch", "commit")})  # where it ran, for the report
+        atomic_write_bytes(cell_file, json.dumps(cell).encode())
+        log(f"[{i}/{len(grid)}] {cell_name(m, n, s)}: Dice {np.mean([r['dice_mean'] for r in cell['rows']]):.3f} "
+            f"({cell['train_seconds']:.0f} s training)")
+        grid_seconds += time.time() - t0
+        stage_seconds["downstream grid (this invocation)"] = grid_seconds
+        write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)
+    stage_seconds["downstream grid (this invocation)"] = grid_seconds
+    summary = write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())
+    return out / "REPORT.md"

@@ -2,37 +2,34 @@
 
 A preset names a model size and its training budget: ``paper`` is the architecture of the
 paper (GPU only), ``cpu`` the one our CPU benchmarks run (chosen by measurement, see
-README "Choosing the cpu preset"). Any value can be overridden; the resolved configuration
-is written as ``config.yaml`` in the run folder, and ``RunConfig.load`` reads it back, so a
-run can be repeated from its folder alone.
+README "Choosing the cpu preset"). A study plan (``STUDY_PLANS``) names the grid of the
+label-efficiency study. Defaults live in these dataclasses and nowhere else; any value can be
+overridden with :func:`apply_overrides` (dotted keys, as ``--set pretrain.epochs=5``). The
+resolved configuration is written as ``config.yaml`` in the run folder, and ``RunConfig.load``
+reads it back, so a run can be repeated from its folder alone.
+
+Bad configuration (an unknown preset, an unknown or misspelled key, a value of the wrong type,
+a YAML syntax error) raises a one-line :class:`~pix2rep.errors.ConfigError` naming where it came
+from and, for a misspelled key, the closest known one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
+
+from .errors import ConfigError
 
 from .data.preprocess import PreprocessConfig
 from .models import ModelConfig
 from .transforms.intensity import IntensityAugmentConfig
-
-
-@dataclass
-class SpatialAugmentConfig:
-    """Random affine between the two views (METHOD section 2, ``affine_grid`` convention)."""
-
-    rotation_deg: float = 90.0
-    scale: tuple[float, float] = (0.33, 0.95)
-    flip_probs: tuple[float, float, float] = (0.45, 0.32, 0.23)  # none, x, y
-    enabled: bool = True  # False: the invariance ablation (intensity changes only)
-
-    def __post_init__(self):
-        self.scale = tuple(float(s) for s in self.scale)
-        self.flip_probs = tuple(float(p) for p in self.flip_probs)
+from .transforms.spatial import SpatialAugmentConfig
 
 
 def _check_grad_clip(value) -> None:
@@ -115,6 +112,29 @@ class DownstreamConfig:
 
 
 @dataclass
+class StudyPlan:
+    """The grid of the label-efficiency study (``pix2rep benchmark``): methods x N x seeds.
+
+    ``full_pool`` adds one run on the whole pool (first seed). ``eval_data`` is a separate
+    labeled evaluation set; empty means the 20 held-out ACDC development patients. Named plans:
+    :data:`STUDY_PLANS`.
+    """
+
+    methods: tuple[str, ...] = ("baseline", "pix2rep-lp", "pix2rep-ft", "random-lp")
+    n: tuple[int, ...] = (1, 2, 5, 10, 20)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    full_pool: bool = True
+    eval_data: str = ""
+
+    def __post_init__(self):
+        self.methods, self.n, self.seeds = tuple(self.methods), tuple(self.n), tuple(self.seeds)
+        if not self.methods or not self.n or not self.seeds:
+            raise ValueError("a study needs at least one method, one N and one seed")
+        if min(self.n) < 1:
+            raise ValueError(f"every N must be at least 1, got {list(self.n)}")
+
+
+@dataclass
 class RunConfig:
     preset: str = "cpu"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -126,6 +146,7 @@ class RunConfig:
     spatial: SpatialAugmentConfig = field(default_factory=SpatialAugmentConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    study: StudyPlan = field(default_factory=StudyPlan)
     data: str = ""
     patients: list = field(default_factory=list)  # annotated patients used (downstream runs)
     pretrained: str = ""  # the pretrained model a downstream run started from
@@ -139,12 +160,25 @@ class RunConfig:
         atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        return _build(cls, d)
+    def from_dict(cls, d: dict, source: str = "configuration") -> "RunConfig":
+        """Build from plain data; ``source`` names where it came from in error messages."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(d).__name__}")
+        return _build(cls, d, source, "")
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        return cls.from_dict(data or {}, source=str(path))
 
 
 PRESETS: dict[str, dict] = {
@@ -158,14 +192,65 @@ PRESETS: dict[str, dict] = {
     "tiny": {"model": {"widths": (8, 16, 32), "out_channels": 16}, "pretrain": {"epochs": 2}},
 }
 
+STUDY_PLANS: dict[str, dict] = {
+    # The study as committed: the StudyPlan defaults and the preset's budgets.
+    "full": {},
+    # Smoke run: checks that the pipeline runs end to end; its numbers mean nothing.
+    "quick": {"study": {"n": (1, 5), "seeds": (0,), "full_pool": False}, "downstream": {"steps": 100},
+              "pretrain": {"max_minutes": 5.0}},
+    # `pix2rep demo` on its synthetic data, with the `tiny` preset.
+    "demo": {"study": {"n": (1, 2, 5), "seeds": (0, 1), "full_pool": False}, "downstream": {"steps": 150},
+             "pretrain": {"epochs": 10}},
+}
+
 
 def preset_config(name: str, **overrides: Any) -> RunConfig:
     """The RunConfig of a named preset, with nested ``overrides`` (e.g. pretrain={"epochs": 3})."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; choose one of {', '.join(sorted(PRESETS))}")
     d = _merge({"preset": name}, PRESETS[name])
     d = _merge(d, overrides)
-    return RunConfig.from_dict(d)
+    return RunConfig.from_dict(d, source=f"preset {name!r}")
+
+
+def study_plan_config(cfg: RunConfig, plan: str) -> RunConfig:
+    """``cfg`` with the settings of a named study plan (:data:`STUDY_PLANS`) on top."""
+    if plan not in STUDY_PLANS:
+        raise ConfigError(f"unknown study plan {plan!r}; choose one of {', '.join(sorted(STUDY_PLANS))}")
+    return RunConfig.from_dict(_merge(cfg.to_dict(), STUDY_PLANS[plan]), source=f"study plan {plan!r}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any], source: str = "command line") -> RunConfig:
+    """A copy of ``cfg`` with dotted-key ``overrides`` applied (``{"pretrain.epochs": 5}``).
+
+    Values that are None are skipped (an option not given). Every value is checked like a
+    config.yaml value: unknown keys get the closest known one suggested, wrong types are refused.
+    """
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *sections, name = key.split(".")
+        node = data
+        for depth, section in enumerate(sections):
+            if not isinstance(node.get(section), dict):
+                known = [k for k, v in node.items() if isinstance(v, dict)]
+                raise ConfigError(f"{source}: unknown section {'.'.join(sections[:depth + 1])!r}"
+                                  f"{_did_you_mean(section, known)} (known: {', '.join(known)})")
+            node = node[section]
+        node[name] = _plain(value)
+    return RunConfig.from_dict(data, source=source)
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"pretrain.epochs=5"`` -> ``("pretrain.epochs", 5)``; the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. pretrain.epochs=5")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -183,15 +268,66 @@ def _plain(x):
     return x
 
 
-def _build(cls, d: dict):
-    """Rebuild nested dataclasses from plain dicts, refusing unknown keys."""
-    d = dict(d or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} settings: {sorted(unknown)}; known: {sorted(names)}")
+def _did_you_mean(word: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, for suggestions across sections."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        keys += _all_keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [prefix + f.name]
+    return keys
+
+
+def _build(cls, d: dict, source: str, prefix: str):
+    """Rebuild nested dataclasses from plain dicts, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
-    for name, value in d.items():
-        default = names[name].default_factory() if names[name].default_factory is not dataclasses.MISSING else None
-        kwargs[name] = _build(type(default), value) if dataclasses.is_dataclass(default) and isinstance(value, dict) else value
-    return cls(**kwargs)
+    for name, value in dict(d or {}).items():
+        key = prefix + str(name)
+        if name not in hints or name not in names:
+            # a key written in the wrong section (epochs for pretrain.epochs), else a misspelling
+            elsewhere = [k for k in _all_keys(RunConfig) if k.rsplit(".", 1)[-1] == name]
+            close = f"; did you mean {elsewhere[0]!r}?" if elsewhere else _did_you_mean(str(name), names, prefix)
+            raise ConfigError(f"{source}: unknown {cls.__name__} setting {key!r}{close} (known: {', '.join(names)})")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} must be a section of settings, got {value!r}")
+            kwargs[name] = _build(hint, value, source, key + ".")
+        else:
+            kwargs[name] = _check_type(value, hint, source, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a __post_init__ check of a value
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'settings'}: {exc}") from None
+
+
+def _check_type(value, hint, source: str, key: str):
+    """``value`` converted to the annotated type ``hint``, or a ConfigError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), source, key)
+    if origin is tuple or origin is list or hint is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: {key} must have {len(args)} entries, got {list(value)}")
+            return tuple(_check_type(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return list(value)
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
+    if hint in ok:
+        if not ok[hint]:
+            raise ConfigError(f"{source}: {key} must be {'a number' if hint is float else 'an integer' if hint is int else hint.__name__}, got {value!r}")
+        return float(value) if hint is float else value
+    return value

@@ -129,5 +129,11 @@ class SegmentationModel(nn.Module):
         return self.head(self.backbone(x))
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of images and feature maps: channels_last (``RunConfig.channels_last``), the
+    faster one for convolutions on CPU and on tensor cores, or PyTorch's default."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -13,29 +13,45 @@ from .errors import OutputExistsError, Pix2RepError
 RUN_MARKER = "config.yaml"
 
 
+def check_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Refuse ``out`` unless it is new or empty, or ``resume``/``overwrite`` allows it; change nothing.
+
+    Called before long work (loading data), so that a refusal comes at once.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise Pix2RepError("give --resume or --overwrite, not both")
+    if out.exists() and any(out.iterdir()):
+        if (resume or overwrite) and not (out / RUN_MARKER).exists():
+            what = "--resume needs a run folder" if resume else "not a pix2rep run folder"
+            raise Pix2RepError(f"{out}: {what} (no {RUN_MARKER}); refusing to {'continue' if resume else 'delete'} it")
+        if not (resume or overwrite):
+            raise OutputExistsError(f"{out}: already exists; pass --resume to continue it or --overwrite to start again")
+    elif resume:
+        raise Pix2RepError(f"{out}: nothing to resume (the folder does not exist or is empty)")
+    return out
+
+
+def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to replace an existing output file unless ``overwrite``; returns ``path`` as a Path."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
+    return path
+
+
 def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Create ``out``; refuse an existing non-empty folder unless resuming or overwriting.
 
     ``overwrite`` only deletes a folder that is a pix2rep run (it holds config.yaml), so a
     typo can never wipe unrelated files.
     """
-    out = Path(out)
-    if resume and overwrite:
-        raise Pix2RepError("give --resume or --overwrite, not both")
+    out = check_run_dir(out, resume, overwrite)
     if out.exists() and any(out.iterdir()):
         if resume:
-            if not (out / RUN_MARKER).exists():
-                raise Pix2RepError(f"{out}: --resume needs a run folder (with {RUN_MARKER}); this one has none")
             remove_stale_temporary_files(out)  # left by a run killed mid-write
             return out
-        if overwrite:
-            if not (out / RUN_MARKER).exists():
-                raise Pix2RepError(f"{out}: not a pix2rep run folder (no {RUN_MARKER}); refusing to delete it")
-            shutil.rmtree(out)
-        else:
-            raise OutputExistsError(f"{out}: already exists; pass --resume to continue it or --overwrite to start again")
-    elif resume:
-        raise Pix2RepError(f"{out}: nothing to resume (the folder does not exist or is empty)")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -15,15 +15,28 @@ from typing import Optional
 
 import torch
 
-from .errors import Pix2RepError
+from .errors import ConfigError
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device a ``--device`` value (or a config's ``device``) names; ``auto`` is CUDA
+    when available, else the CPU. Any other value, or a CUDA device this machine lacks, is a
+    one-line ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # torch's own message is a long list of every backend
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: not a device pix2rep runs on; choose one of {DEVICE_CHOICES}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise Pix2RepError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
     return device
 
 

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_bytes
-from .provenance import cpu_model_name
 from .config import RunConfig
-from .transforms import augment_intensity, sample_affine, warp
+from .models import SegmentationModel, UNet, memory_format
+from .provenance import cpu_model_name
+from .runtime import autocast, keep_freed_memory, resolve_device, use_bf16
 
 
 def _sync(device: torch.device) -> None:
@@ -61,8 +62,6 @@ def backbone_flops_per_sample(cfg: RunConfig, device: torch.device) -> int:
     """Forward + backward FLOPs of the backbone on the two views of one slice."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import UNet
-
     backbone = UNet(cfg.model).to(device)
     size = cfg.preprocess.size
     views = torch.rand(2, 1, size, size, device=device)
@@ -72,35 +71,31 @@ def backbone_flops_per_sample(cfg: RunConfig, device: torch.device) -> int:
 
 
 def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
-    from .runtime import autocast
-    from .training.pretrain import build_pretraining_modules, pretrain_loss
+    """Callables timing the parts of the training loop's own step on one fixed batch: the
+    augmentation (:func:`make_views`), the backbone alone, the whole :func:`pretrain_step`,
+    and the optimiser's update."""
+    from .training.pretrain import PretrainNet, build_pretraining_modules, make_views, pretrain_step
 
     backbone, head = build_pretraining_modules(cfg)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    backbone.to(device, memory_format=fmt).train()
+    backbone.to(device, memory_format=memory_format(cfg.channels_last)).train()
     head.to(device).train()
-    optimizer = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=cfg.pretrain.lr)
+    net = PretrainNet(backbone, head, cfg, amp)
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.pretrain.lr)
     gen = torch.Generator(device=device).manual_seed(0)
     B, S = cfg.pretrain.batch_size, cfg.preprocess.size
     x = torch.rand(B, 1, S, S, generator=gen, device=device)
 
     def augment():
-        v1 = augment_intensity(x, cfg.intensity, gen)
-        v2 = augment_intensity(x, cfg.intensity, gen)
-        theta = sample_affine(B, gen, cfg.spatial.rotation_deg, cfg.spatial.scale, cfg.spatial.flip_probs, device=device)
-        v2, valid = warp(v2, theta)
-        return torch.cat([v1, v2]).contiguous(memory_format=fmt), theta, valid
+        return make_views(x, cfg, gen)
 
     def backbone_only(views):
         with autocast(device, amp):
             feats = backbone(views)
         feats.backward(torch.ones_like(feats))  # a gradient of the features' shape, no loss ops
 
-    def full_step():  # exactly the training loop's step
-        loss = pretrain_loss(backbone, head, x, cfg, gen, amp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def full_step():
+        pretrain_step(net, optimizer, x, gen, params, cfg.pretrain.grad_clip)
 
     def optimiser_step():
         optimizer.step()
@@ -110,8 +105,6 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
 
 def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None, log=print) -> dict:
     """Every figure of the bench table for ``cfg`` on its device."""
-    from .runtime import keep_freed_memory, resolve_device, use_bf16
-
     device = resolve_device(cfg.device)
     amp = use_bf16(cfg.bf16, device)  # a device without native bf16 trains in fp32
     torch.manual_seed(0)
@@ -159,27 +152,19 @@ def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None
 
 
 def _downstream_slices_per_s(cfg: RunConfig, device: torch.device, amp: bool, repeats: int) -> float:
-    from .runtime import autocast
-    from .training.downstream import build_segmentation_model, segmentation_loss
+    """Annotated slices per second of the downstream loop's own step (:func:`train_step`),
+    training from scratch."""
+    from .losses import segmentation_loss
+    from .training.downstream import Supervised, build_optimizer, build_segmentation_model, train_step
 
-    model = build_segmentation_model(cfg)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=fmt).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.downstream.lr_scratch)
-    loss_fn = segmentation_loss(cfg.downstream.loss)
+    model = build_segmentation_model(cfg).to(device, memory_format=memory_format(cfg.channels_last))
+    optimizer = build_optimizer(model, cfg, "scratch")
+    training = Supervised(model, segmentation_loss(cfg.downstream.loss), False, cfg, device, amp)
+    training.train()
     B, S = cfg.downstream.batch_size, cfg.preprocess.size
-    x = torch.rand(B, 1, S, S, device=device).contiguous(memory_format=fmt)
+    x = torch.rand(B, 1, S, S, device=device)
     y = torch.randint(0, cfg.model.num_classes, (B, 1, S, S), device=device)
-
-    def step():
-        with autocast(device, amp):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return B / _timed(step, device, repeats)
+    return B / _timed(lambda: train_step(training, optimizer, x, y, 1, cfg.downstream.grad_clip), device, repeats)
 
 
 def _inference_seconds(cfg: RunConfig, device: torch.device, amp: bool, volume_path: Optional[Path]) -> dict:
@@ -188,7 +173,6 @@ def _inference_seconds(cfg: RunConfig, device: torch.device, amp: bool, volume_p
     from .data.preprocess import prepare_volume
     from .data.volume import Volume
     from .inference import predict_prepared
-    from .models import SegmentationModel, UNet
 
     model = SegmentationModel(UNet(cfg.model), cfg.model.num_classes).to(device).eval()
     if volume_path is not None:

@@ -1,4 +1,5 @@
-"""``pix2rep data check``: a text summary of a loaded dataset and a preview image of it."""
+"""``pix2rep data``: a text summary of a loaded dataset, a preview image of it, and how often the
+label-free ROI contains the annotated heart."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 
 from ..atomic import save_figure
 from ..errors import DataError
+from ..runs import check_output_file
 from .discover import Dataset
-from .volume import CLASS_NAMES
+from .volume import LABELS
 
-# Overlay colours of labels 1 (RV), 2 (MYO), 3 (LV).
+# Overlay colours of labels 1 (RV), 2 (MYO), 3 (LV), in every picture pix2rep draws.
 LABEL_COLOURS = {1: (0.15, 0.45, 1.0), 2: (0.2, 0.85, 0.2), 3: (1.0, 0.25, 0.2)}
 
 
@@ -69,11 +71,14 @@ def _slice_indices(volume, n_slices: int) -> list[int]:
     return sorted(set(np.linspace(low, high, n_slices).round().astype(int).tolist()))
 
 
-def write_preview(dataset: Dataset, out_png: str | Path, n_patients: int = 6, n_slices: int = 4) -> Path:
+def write_preview(dataset: Dataset, out_png: str | Path, n_patients: int = 6, n_slices: int = 4,
+                  overwrite: bool = False) -> Path:
     """Save a grid of slices with the masks overlaid: one row per (patient, phase), slices in z order.
 
-    Shows the first ``n_patients`` patients, at most two phases each (ED and ES for ACDC).
+    Shows the first ``n_patients`` patients, at most two phases each (ED and ES for ACDC). An
+    existing ``out_png`` is refused (OutputExistsError) unless ``overwrite``.
     """
+    out_png = check_output_file(out_png, overwrite)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,12 +103,59 @@ def write_preview(dataset: Dataset, out_png: str | Path, n_patients: int = 6, n_
                     overlay[volume.mask[z] == label] = colour + (0.4,)
                 ax.imshow(overlay)
             ax.set_title(f"{patient_id} {phase} z={z}", fontsize=7)
-    handles = [Patch(color=LABEL_COLOURS[k + 1], alpha=0.6, label=name) for k, name in enumerate(CLASS_NAMES)]
+    handles = [Patch(color=colour, alpha=0.6, label=LABELS[label]) for label, colour in LABEL_COLOURS.items()]
     fig.legend(handles=handles, loc="upper right", ncol=3, fontsize=8)
     title = f"{dataset.root} ({dataset.layout}), slices in stack order (base to apex in ACDC)"
     fig.suptitle(title, fontsize=9, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, out_png, dpi=80)
     return out_png
+
+
+# -- does the label-free ROI contain the heart? (``pix2rep data roi``) ---------------------------
+
+SINGLE, WITH_OTHER_PHASE = "single volume", "with the other phase"
+
+
+def roi_containment(dataset: Dataset, fov_mm: float | None = None, progress: bool = False) -> dict:
+    """How often the label-free ROI holds every annotated voxel, per labeled volume.
+
+    The ROI is located twice per volume: from the volume alone, and with the patient's other
+    phase (the |ED - ES| cue). ``fov_mm`` replaces the default field of view. Returns
+    ``{"fov_mm", "size", "counts": {way: (inside, volumes)}, "misses": [(way, source), ...]}``;
+    raises a DataError naming the dataset when it has no labeled volume.
+    """
+    from tqdm.auto import tqdm
+
+    from .preprocess import PreprocessConfig, box_contains_mask, prepare_volume
+
+    with_other = PreprocessConfig() if fov_mm is None else PreprocessConfig(fov_mm=fov_mm)
+    single = PreprocessConfig(**{**with_other.__dict__, "use_phase_difference": False})
+    counts = {SINGLE: [0, 0], WITH_OTHER_PHASE: [0, 0]}
+    misses = []
+    for patient in tqdm(dataset.patients, desc="ROI containment", unit="patient", disable=not progress, leave=False):
+        volumes = list(patient.volumes.values())
+        for volume in volumes:
+            if volume.mask is None or not volume.mask.any():
+                continue
+            other = next((o for o in volumes if o is not volume), None)
+            for way, cfg, other_phase in ((SINGLE, single, None), (WITH_OTHER_PHASE, with_other, other)):
+                inside = box_contains_mask(prepare_volume(volume, cfg, other_phase=other_phase).box, volume.mask)
+                counts[way][0] += inside
+                counts[way][1] += 1
+                if not inside:
+                    misses.append((way, volume.source))
+    if not counts[SINGLE][1]:
+        raise DataError(dataset.root, "no labeled volume: ROI containment needs ground truth")
+    return {"fov_mm": with_other.fov_mm, "size": with_other.size,
+            "counts": {way: tuple(c) for way, c in counts.items()}, "misses": misses}
+
+
+def format_roi_containment(result: dict) -> str:
+    """The report of :func:`roi_containment`, one line per way of locating the ROI and per miss."""
+    lines = [f"label-free ROI: {result['fov_mm']:g} mm field of view, {result['size']} px"]
+    for way, (inside, n) in result["counts"].items():
+        lines.append(f"  {way}: whole heart inside the ROI in {inside}/{n} volumes ({100 * inside / n:.1f} %)")
+    lines += [f"  missed ({way}: {source})" for way, source in result["misses"]]
+    return "\n".join(lines)

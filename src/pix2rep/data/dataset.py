@@ -35,6 +35,10 @@ class PreparedPatient:
     volumes: list[PreparedVolume]
     unlabeled: list[PreparedVolume] = dataclasses.field(default_factory=list)  # extra 4D frames
 
+    @property
+    def labeled(self) -> bool:
+        return any(v.masks is not None for v in self.volumes)
+
 
 @dataclass
 class SliceSet:
@@ -107,6 +111,14 @@ def prepare_dataset(
     if use_cache:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _save_cache(cache_file, patients)
+    return patients
+
+
+def load_patients(path, cfg, cache=None, include_4d: bool = False, log=print) -> list[PreparedPatient]:
+    """:func:`prepare_dataset` with the preprocessing of a RunConfig ``cfg``, and a line saying how long it took."""
+    t0 = time.time()
+    patients = prepare_dataset(path, cfg.preprocess, cache_dir=cache, include_4d=include_4d, log=log)
+    log(f"{len(patients)} patients ready in {time.time() - t0:.1f} s ({cfg.preprocess.protocol} protocol)")
     return patients
 
 

@@ -14,9 +14,9 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
-from .volume import Volume, short_axis_orientation, to_canonical
+from .volume import LABELS, Volume, short_axis_orientation, to_canonical
 
-MASK_LABELS = (0, 1, 2, 3)
+MASK_LABELS = tuple(LABELS)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..errors import DataError
-from .volume import Volume
+from .volume import LABELS, Volume
 
 PROTOCOLS = ("label-free", "gt-crop")
-NUM_CLASSES = 4
+NUM_CLASSES = len(LABELS)  # background and the three structures
 
 
 @dataclass
@@ -92,8 +92,9 @@ def locate_heart(
     image01: np.ndarray,
     spacing_hw: tuple[float, float],
     other_phase01: Optional[np.ndarray] = None,
-    blob_mm: float = 15.0,
-    prior_mm: float = 40.0,
+    *,
+    blob_mm: float,
+    prior_mm: float,
 ) -> tuple[float, float]:
     """Find the heart centre (row, col) of a normalised ``(Z, H, W)`` volume, without labels.
 
@@ -103,6 +104,8 @@ def locate_heart(
     times a Gaussian prior of width ``prior_mm`` around the image centre; with the other
     phase, the temporal difference |ED - ES| (the beating heart) is added. Returns the
     argmax of the smoothed score. Only the in-plane spacing is used (pixels are ~square).
+    The two scales have no defaults here: :class:`PreprocessConfig` holds them
+    (``locator_blob_mm``, ``locator_prior_mm``), so that a run records the values it used.
     """
     _, H, W = image01.shape
     sigma = blob_mm / float(spacing_hw[0])
@@ -197,7 +200,7 @@ def prepare_volume(
         other01 = None
         if cfg.use_phase_difference and other_phase is not None and other_phase.image.shape == volume.image.shape:
             other01 = normalise_intensity(other_phase.image, cfg.clip_percentiles, other_phase.source)
-        center = locate_heart(image01, spacing_hw, other01, cfg.locator_blob_mm, cfg.locator_prior_mm)
+        center = locate_heart(image01, spacing_hw, other01, blob_mm=cfg.locator_blob_mm, prior_mm=cfg.locator_prior_mm)
         box = label_free_box(center, spacing_hw, cfg.fov_mm)
     out_size = (cfg.size, cfg.size)
     images = resize_images(crop_with_padding(image01[keep], box), out_size)

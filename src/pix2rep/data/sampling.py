@@ -1,11 +1,14 @@
-"""Few-shot subsets of annotated patients and the fixed development split of ACDC."""
+"""Few-shot subsets of annotated patients, the fixed development split of ACDC, and the
+``--split`` / ``--patients`` choices of the command line made into patient lists."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence, TypeVar
+from typing import Optional, Sequence, TypeVar
 
 import numpy as np
+
+from ..errors import ConfigError, DataError
 
 # 20 held-out evaluation patients of the 100 ACDC training patients, 4 per pathology group
 # (drawn once with numpy's default_rng(2024), then frozen here). Never used for pretraining,
@@ -60,3 +63,77 @@ def sample_few_shot_patients(patients: Sequence[P], n: int, seed: int) -> list[P
                 chosen.append(queues[g][rank])
         rank += 1
     return chosen
+
+
+def has_development_ids(patients: Sequence) -> bool:
+    """True when all 20 ACDC development evaluation patients are among ``patients`` (the ACDC
+    training set, or a copy of it)."""
+    ids = {p.id for p in patients}
+    return all(i in ids for i in ACDC_DEV_EVAL_IDS)
+
+
+SPLITS = ("auto", "all", "dev-pool", "dev-eval")
+PURPOSES = ("training", "evaluation")
+
+
+def resolve_split_name(patients: Sequence, split: str, purpose: str) -> str:
+    """What ``--split auto`` means for these patients: ``dev-pool`` for ``purpose="training"``
+    and ``dev-eval`` for ``purpose="evaluation"`` when all 20 ACDC development evaluation
+    patients are present, else ``all``. Other splits are returned as they are."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    if split != "auto":
+        return split
+    if not has_development_ids(patients):
+        return "all"
+    return "dev-pool" if purpose == "training" else "dev-eval"
+
+
+def resolve_split(patients: Sequence[P], split: str, purpose: str, where: str = "") -> list[P]:
+    """The patients of a ``--split``.
+
+    ``all`` keeps every patient; ``dev-pool`` leaves out the 20 ACDC development evaluation
+    patients (training), ``dev-eval`` keeps only them (evaluation); ``auto`` is one of these by
+    :func:`resolve_split_name` (which says which, for the record). ``purpose`` is ``training``
+    (pretraining too) or ``evaluation``; ``where`` (the dataset) goes into the error messages.
+    """
+    split = resolve_split_name(patients, split, purpose)
+    if split == "all":
+        return list(patients)
+    pool, evaluation = split_development(patients)
+    if not evaluation:
+        raise ConfigError(f"--split {split}: {where or 'the dataset'} holds none of the 20 ACDC development "
+                          "evaluation patients; use --split all")
+    return pool if split == "dev-pool" else evaluation
+
+
+def choose_patients(patients: Sequence[P], n: Optional[int] = None, ids=None, seed: int = 0, where: str = "") -> list[P]:
+    """The annotated patients of a few-shot run, among the labeled ones of ``patients``.
+
+    ``ids`` (patient ids, a list or one comma-separated string) picks those patients, in that
+    order; else ``n`` patients are drawn by :func:`sample_few_shot_patients` with ``seed``.
+    Every way this can fail (no labeled patient, ``n`` out of range, unknown ids) is a one-line
+    error naming ``where`` (the dataset and split) and the value given.
+    """
+    if (n is None) == (ids is None):
+        raise ConfigError("give the number of annotated patients (--patients) or their ids (--patient-ids), not both")
+    labeled = [p for p in patients if p.labeled]
+    if not labeled:
+        raise DataError(where or None, "no labeled patient: training a segmentation model needs ground truth")
+    if ids is None:
+        if not 1 <= n <= len(labeled):
+            have = f"only {len(labeled)}" if n > len(labeled) else str(len(labeled))
+            raise ConfigError(f"--patients {n}: {have} labeled patients in {where or 'the dataset'}; "
+                              f"choose 1 to {len(labeled)}")
+        return sample_few_shot_patients(labeled, n, seed)
+    wanted = [s.strip() for s in ids.split(",")] if isinstance(ids, str) else [str(s).strip() for s in ids]
+    wanted = list(dict.fromkeys(s for s in wanted if s))  # a repeated id counts once
+    if not wanted:
+        raise ConfigError("--patient-ids: names no patient")
+    by_id = {p.id: p for p in labeled}
+    missing = [w for w in wanted if w not in by_id]
+    if missing:
+        raise ConfigError(f"--patient-ids: no labeled patient {', '.join(missing)} in {where or 'the dataset'}")
+    return [by_id[w] for w in wanted]

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..errors import ConfigError, OutputExistsError
+
 GROUPS = ("NOR", "DCM", "HCM", "MINF", "RV")
 LABEL_RV, LABEL_MYO, LABEL_LV = 1, 2, 3
 
@@ -476,7 +478,8 @@ def _read_marker(folder: Path):
         return None
 
 
-def write_synthetic_dataset(out_dir, n_patients: int = 25, seed: int = 0) -> Path:
+def write_synthetic_dataset(out_dir, n_patients: int = 25, seed: int = 0, overwrite: bool = False,
+                            replace_other_synthetic: bool = True) -> Path:
     """Write a synthetic data set in ACDC's layout and return its folder.
 
     ``out_dir/patientXXX/`` holds ``Info.cfg`` (ED, ES, Group, Height, NbFrame, Weight) and
@@ -484,21 +487,37 @@ def write_synthetic_dataset(out_dir, n_patients: int = 25, seed: int = 0) -> Pat
     (int16 images, uint8 masks), so ACDC's readers load it unchanged. Groups cycle through
     NOR, DCM, HCM, MINF, RV. A ``README.txt`` says the data is synthetic.
 
-    Idempotent: when ``out_dir`` already holds a data set made with the same parameters (and
-    generator version), it is returned as is. A data set made with other parameters is replaced;
-    a non-empty folder that is not a synthetic data set is left alone (FileExistsError).
+    What is already in ``out_dir``:
+
+    - nothing (or an empty folder): the data set is written;
+    - a synthetic data set made with the same parameters (and generator version): it is
+      returned as is, which makes this a cache (the demo and the tests rely on it); with
+      ``overwrite`` it is written again;
+    - a synthetic data set made with other parameters: replaced when ``replace_other_synthetic``
+      (the default, for caches) or ``overwrite``; else an OutputExistsError, so that
+      ``pix2rep data synthetic --out`` (which passes ``replace_other_synthetic=False``) never
+      replaces a data set without ``--overwrite``;
+    - anything else: an OutputExistsError, whatever the flags: a folder that is not a pix2rep
+      synthetic data set is never deleted.
+
     The data set is written to a temporary sibling folder and moved into place at the end, so an
     interrupted run never leaves a half-written folder behind.
     """
     out_dir = Path(out_dir)
     if n_patients < 1:
-        raise ValueError(f"n_patients must be at least 1, got {n_patients}")
+        raise ConfigError(f"--patients {n_patients}: a synthetic data set needs at least 1 patient")
     params = {"generator": "pix2rep.data.synthetic", "version": GENERATOR_VERSION,
               "n_patients": int(n_patients), "seed": int(seed)}
-    if _read_marker(out_dir) == params:
+    existing = _read_marker(out_dir)
+    if existing == params and not overwrite:
         return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()) and _read_marker(out_dir) is None:
-        raise FileExistsError(f"{out_dir} exists and is not a pix2rep synthetic data set; not overwriting it")
+    if existing is None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise OutputExistsError(f"{out_dir}: already exists and is not a pix2rep synthetic data set; "
+                                "refusing to replace it, even with --overwrite: choose another folder")
+    if existing is not None and existing != params and not (overwrite or replace_other_synthetic):
+        made_with = ", ".join(f"{key} {existing.get(key)}" for key in ("n_patients", "seed"))
+        raise OutputExistsError(f"{out_dir}: already holds a synthetic data set made with other parameters "
+                                f"({made_with}); pass --overwrite to replace it")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -518,12 +537,34 @@ def write_synthetic_dataset(out_dir, n_patients: int = 25, seed: int = 0) -> Pat
             "Use it for tests, demos and tutorials only: results on it say nothing about real data.\n"
         )
         (staging / MARKER_FILE).write_text(json.dumps(params, indent=1) + "\n")  # written last: complete
-        if _read_marker(out_dir) == params:  # another process finished the same data set meanwhile
+        if _read_marker(out_dir) == params and not overwrite:  # another process finished it meanwhile
             return out_dir
         if out_dir.exists():
-            shutil.rmtree(out_dir)  # empty, or an older synthetic data set (checked above)
+            shutil.rmtree(out_dir)  # empty, or a synthetic data set (checked above)
         staging.rename(out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def is_synthetic_dataset(path) -> bool:
+    """True when ``path`` is a data set written by :func:`write_synthetic_dataset` (its marker file)."""
+    return (Path(path) / MARKER_FILE).is_file()
+
+
+def default_synthetic_dataset() -> Path:
+    """The embedded default data set (25 patients, seed 0), kept in the pix2rep cache."""
+    from .dataset import default_cache_dir
+
+    return write_synthetic_dataset(default_cache_dir() / "synthetic-25-seed0", n_patients=25, seed=0)
+
+
+def write_demo_datasets() -> tuple[Path, Path]:
+    """``(pool, evaluation)`` of ``pix2rep demo``: 20 synthetic patients to train on and 8 others
+    (another seed) to evaluate on, kept in the pix2rep cache."""
+    from .dataset import default_cache_dir
+
+    root = default_cache_dir() / "demo"
+    return (write_synthetic_dataset(root / "synthetic-pool-20-seed0", n_patients=20, seed=0),
+            write_synthetic_dataset(root / "synthetic-eval-8-seed1", n_patients=8, seed=1))

@@ -14,8 +14,9 @@ from typing import Optional
 
 import numpy as np
 
+# The one list of label values and names (ACDC's): every reader, metric, report and output uses it.
 LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
-CLASS_NAMES = ("RV", "MYO", "LV")
+CLASS_NAMES = tuple(name for label, name in LABELS.items() if label)  # the structures: RV, MYO, LV
 
 
 def short_axis_orientation(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

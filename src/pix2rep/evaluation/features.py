@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..atomic import save_figure
+from ..runs import check_output_file
 from ..data.preprocess import prepare_volume
 
 
@@ -27,8 +28,12 @@ def pca_rgb(features: torch.Tensor) -> np.ndarray:
     return np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
 
 
-def write_feature_pca(volume_path, model, out_png, n_slices: int = 4) -> None:
-    """Write a PNG: for a few slices of a volume, the image beside its feature PCA."""
+def write_feature_pca(volume_path, model, out_png, n_slices: int = 4, overwrite: bool = False) -> Path:
+    """Write a PNG: for a few slices of a volume, the image beside its feature PCA; returns its path.
+
+    An existing ``out_png`` is refused (OutputExistsError) unless ``overwrite``.
+    """
+    out_png = check_output_file(out_png, overwrite)  # before loading anything
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,3 +64,4 @@ def write_feature_pca(volume_path, model, out_png, n_slices: int = 4) -> None:
     fig.suptitle(f"{Path(volume_path).name}: image / feature PCA (D={cfg.model.out_channels}, {Path(ckpt).parent.name})", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out_png)
+    return out_png

@@ -26,7 +26,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from pix2rep.data.volume import LABELS
 
-FOREGROUND_LABELS = (1, 2, 3)
+FOREGROUND_LABELS = tuple(label for label in LABELS if label)  # (1, 2, 3)
 CLASS_NAMES = {label: LABELS[label] for label in FOREGROUND_LABELS}  # {1: "RV", 2: "MYO", 3: "LV"}
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import save_figure
-
-COLOURS = {1: (0.2, 0.4, 1.0), 2: (0.2, 0.9, 0.2), 3: (1.0, 0.25, 0.25)}  # RV, MYO, LV
+from ..data.check import LABEL_COLOURS
 
 
 def write_overlay(image: np.ndarray, labels: np.ndarray, out_png: Path, title: str = "", max_slices: int = 12) -> None:
@@ -29,7 +28,7 @@ def write_overlay(image: np.ndarray, labels: np.ndarray, out_png: Path, title: s
         lo, hi = np.percentile(sl, [1, 99])
         ax.imshow(np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
         rgba = np.zeros(sl.shape + (4,))
-        for label, colour in COLOURS.items():
+        for label, colour in LABEL_COLOURS.items():
             rgba[labels[z] == label] = (*colour, 0.45)
         ax.imshow(rgba)
         ax.set_title(f"slice {z}", fontsize=7)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_bytes, save_figure
-from .metrics import CLASS_NAMES
+from ..data.volume import CLASS_NAMES
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -36,10 +36,10 @@ def breakdowns(rows: list[dict]) -> dict:
         for r in rows:
             groups[r[field]].append(r)
         for g, rs in sorted(groups.items()):
-            out[key][g or "-"] = {c: _nanmean([r[f"dice_{c}"] for r in rs]) for c in list(CLASS_NAMES.values()) + ["mean"]}
+            out[key][g or "-"] = {c: _nanmean([r[f"dice_{c}"] for r in rs]) for c in list(CLASS_NAMES) + ["mean"]}
     for region in ("basal", "mid", "apical"):
         out["by_region"][region] = {
-            c: _nanmean([r.get(f"dice_{region}_{c}", float("nan")) for r in rows]) for c in CLASS_NAMES.values()
+            c: _nanmean([r.get(f"dice_{region}_{c}", float("nan")) for r in rows]) for c in CLASS_NAMES
         }
     return out
 
@@ -79,7 +79,7 @@ def plot_dice_boxes(rows: list[dict], out_png: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(CLASS_NAMES.values()) + ["mean"]
+    names = list(CLASS_NAMES) + ["mean"]
     data = [[r[f"dice_{n}"] for r in rows] for n in names]
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
     ax.boxplot(data)

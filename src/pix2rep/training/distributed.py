@@ -58,31 +58,6 @@ def current() -> DistContext:
     return SINGLE
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        pieces = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(pieces, t.contiguous())
-        ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
-        return torch.cat(pieces)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's loss depends on this rank's piece: sum their gradients
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
-
-
-def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` (same shape on every rank) along dim 0, in rank order, keeping the graph.
-
-    Backward sums, for this rank's piece, the gradients that all ranks' losses sent it; with
-    DDP's gradient averaging the step is the gradient of the mean of the ranks' losses
-    (tested against a single-process computation in tests/test_distributed.py).
-    """
-    return _GatherWithGrad.apply(t)
-
-
 def mean_over_ranks(value: float, ctx: DistContext) -> float:
     if not ctx.enabled:
         return value

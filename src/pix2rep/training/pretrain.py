@@ -18,6 +18,7 @@ the warp on every pixel of every slice, the largest avoidable cost of a step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -27,17 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints import load_checkpoint, load_state, save_checkpoint
 from ..config import RunConfig
 from ..data.dataset import PreparedPatient, SliceSet, stack_slices
 from ..errors import Pix2RepError
-from ..losses import barlow_twins, gather_positions, nt_xent, nt_xent_gathered, sample_valid_positions
-from ..models import ProjectionHead, UNet
-from ..transforms import augment_intensity, sample_affine, sample_at, warp
-from ..runs import MetricsLog, plot_curves
-from ..runtime import autocast, keep_freed_memory, resolve_device, precision_note, use_bf16
-from ..checkpoints import load_checkpoint, load_state, save_checkpoint
+from ..losses import barlow_twins, gather_positions, loss_dtype, nt_xent, sample_valid_positions
+from ..models import ProjectionHead, UNet, memory_format
 from ..provenance import versions
-from .distributed import SINGLE, DistContext, any_rank, barrier, gather_with_grad, mean_over_ranks, wrap_ddp
+from ..runs import MetricsLog, plot_curves
+from ..runtime import autocast, keep_freed_memory, precision_note, resolve_device, use_bf16
+from ..transforms import augment_intensity, sample_affine, sample_at, warp
+from .distributed import SINGLE, DistContext, any_rank, barrier, mean_over_ranks, wrap_ddp
+from .step import NonFiniteLoss, optimizer_step
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "samples_per_s", "seconds")
 BARLOW_PIXELS = 4096  # pixel vectors per batch for the Barlow Twins statistics
@@ -72,13 +74,31 @@ def simclr_projections(backbone, head, x, cfg: RunConfig, generator: torch.Gener
     views = []
     for _ in range(2):
         v = augment_intensity(x, cfg.intensity, generator)
-        theta = sample_affine(B, generator, cfg.spatial.rotation_deg, cfg.spatial.scale, cfg.spatial.flip_probs, device=x.device)
+        theta = sample_affine(B, generator, cfg.spatial, device=x.device)
         views.append(warp(v, theta)[0])
-    views = torch.cat(views).contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    views = torch.cat(views).contiguous(memory_format=memory_format(cfg.channels_last))
     with autocast(x.device, amp):
         z = head(backbone.encode(views).mean(dim=(2, 3)))
-    dtype = torch.promote_types(z.dtype, torch.float32)
+    dtype = loss_dtype(z.dtype)
     return z[:B].to(dtype), z[B:].to(dtype)
+
+
+def make_views(x: torch.Tensor, cfg: RunConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-2 of the module docstring for a batch ``x`` (B, 1, H, W) in [0, 1]: returns
+    ``views`` = [v1; v2'] (2B, 1, H, W) in the configured memory format, the affine ``theta``
+    (B, 2, 3) of T, and ``valid`` (B, 1, H, W), the positions whose source lies in the image.
+
+    Draws from ``generator`` in this order: intensity view 1, intensity view 2, the affine."""
+    B = x.shape[0]
+    v1 = augment_intensity(x, cfg.intensity, generator)
+    v2 = augment_intensity(x, cfg.intensity, generator)
+    if cfg.spatial.enabled:
+        theta = sample_affine(B, generator, cfg.spatial, device=x.device)
+    else:  # invariance ablation: same geometry in both views
+        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3).contiguous()
+    v2, valid = warp(v2, theta)
+    views = torch.cat([v1, v2]).contiguous(memory_format=memory_format(cfg.channels_last))
+    return views, theta, valid
 
 
 def pretrain_projections(
@@ -95,16 +115,7 @@ def pretrain_projections(
     if cfg.pretrain.loss == "simclr":
         return simclr_projections(backbone, head, x, cfg, generator, amp)
     B = x.shape[0]
-    v1 = augment_intensity(x, cfg.intensity, generator)
-    v2 = augment_intensity(x, cfg.intensity, generator)
-    if cfg.spatial.enabled:
-        theta = sample_affine(
-            B, generator, cfg.spatial.rotation_deg, cfg.spatial.scale, cfg.spatial.flip_probs, device=x.device
-        )
-    else:  # invariance ablation: same geometry in both views
-        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3).contiguous()
-    v2, valid = warp(v2, theta)
-    views = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    views, theta, valid = make_views(x, cfg, generator)
     with autocast(x.device, amp):
         feats = backbone(views)  # rows 0..B-1: f1 = f(v1); rows B..2B-1: f2 = f(v2')
     n = cfg.pretrain.n_samples if cfg.pretrain.loss == "infonce" else BARLOW_PIXELS
@@ -112,7 +123,7 @@ def pretrain_projections(
     # Read the N sampled vectors first, then cast: no float32 copy of whole feature maps.
     # Both reads index ``feats`` itself (rows b and B + b) rather than slices of it, so that
     # the gradient reaches the backbone in the features' memory format (channels_last).
-    dtype = torch.promote_types(feats.dtype, torch.float32)  # float32, or float64 for a float64 model
+    dtype = loss_dtype(feats.dtype)  # float32, or float64 for a float64 model
     u = sample_at(feats, theta, (b, y, px), dtype=dtype)
     v = gather_positions(feats, (b + B, y, px)).to(dtype)
     with autocast(x.device, amp):
@@ -121,16 +132,12 @@ def pretrain_projections(
 
 
 def projection_loss(zu: torch.Tensor, zv: torch.Tensor, cfg: RunConfig, ctx: DistContext = SINGLE) -> torch.Tensor:
-    """Step 6. Across processes: InfoNCE takes its negatives from every rank when
+    """Step 6. Across processes (``ctx``): InfoNCE takes its negatives from every rank when
     ``gather_negatives`` is set; Barlow Twins always standardises and correlates over the
     vectors of every rank (the statistics of the global batch)."""
     if cfg.pretrain.loss in ("infonce", "simclr"):
-        if ctx.enabled and cfg.pretrain.gather_negatives:
-            return nt_xent_gathered(zu, zv, gather_with_grad(zu), gather_with_grad(zv), ctx.rank * len(zu), cfg.pretrain.temperature)
-        return nt_xent(zu, zv, cfg.pretrain.temperature)
-    if ctx.enabled:
-        zu, zv = gather_with_grad(zu), gather_with_grad(zv)
-    return barlow_twins(zu, zv, cfg.pretrain.barlow_lambda)
+        return nt_xent(zu, zv, cfg.pretrain.temperature, gather_distributed=ctx.enabled and cfg.pretrain.gather_negatives)
+    return barlow_twins(zu, zv, cfg.pretrain.barlow_lambda, gather_distributed=ctx.enabled)
 
 
 def pretrain_loss(
@@ -157,6 +164,22 @@ class PretrainNet(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return pretrain_loss(self.backbone, self.head, x, self.cfg, generator, self.amp, self.ctx)
+
+
+def pretrain_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    params: Sequence[nn.Parameter],
+    grad_clip: float | None,
+    ctx: DistContext = SINGLE,
+) -> torch.Tensor:
+    """One optimiser step of pretraining on the batch ``x``, as the training loop takes it:
+    the loss ``net(x, generator)`` (a :class:`PretrainNet`, DDP-wrapped under torchrun), then
+    :func:`~pix2rep.training.step.optimizer_step`. Returns the loss, detached; raises
+    :class:`~pix2rep.training.step.NonFiniteLoss` (before any backward) on a NaN or inf."""
+    return optimizer_step(net(x, generator), optimizer, params, grad_clip, ctx)
 
 
 @torch.no_grad()
@@ -192,16 +215,17 @@ def pretrain(
 ) -> dict:
     """Train backbone + projection head on every slice of ``patients``; write the run folder.
 
-    Writes ``config.yaml``, ``best.pt`` (lowest validation loss), ``last.pt`` (every epoch,
-    for ``--resume``), ``metrics.csv`` and ``loss.png``. Returns a summary dict.
+    Writes ``config.yaml`` (with ``bf16`` as it ran), ``best.pt`` (lowest validation loss),
+    ``last.pt`` (every epoch, for ``--resume``), ``metrics.csv`` and ``loss.png``. Both
+    checkpoints record the ids of all ``patients`` (training and validation) as
+    ``pretraining_patients``. Returns a summary dict. An interruption (KeyboardInterrupt)
+    leaves ``last.pt`` of the last finished epoch.
 
     With ``ctx`` from :func:`~pix2rep.training.distributed.init_from_env` (torchrun), each of
     the ``world`` processes trains on every world-th slice of the epoch's order with its own
     batch of ``batch_size`` (the global batch is world x batch_size), DDP averages gradients,
     and only rank 0 writes files or logs.
     """
-    from tqdm.auto import tqdm
-
     if not ctx.is_main:
         log = _silent  # only rank 0 speaks
     device = resolve_device(cfg.device)
@@ -222,8 +246,7 @@ def pretrain(
     )
 
     backbone, head = build_pretraining_modules(cfg)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    backbone.to(device, memory_format=memory_format)
+    backbone.to(device, memory_format=memory_format(cfg.channels_last))
     head.to(device)
     net = wrap_ddp(PretrainNet(backbone, head, cfg, amp, ctx), ctx, cfg.pretrain.sync_batchnorm)
     params = list(backbone.parameters()) + list(head.parameters())
@@ -235,57 +258,27 @@ def pretrain(
     metrics = MetricsLog(out_dir / "metrics.csv", METRIC_COLUMNS)
     start_epoch, best_val, elapsed_before = 0, float("inf"), 0.0
     if resume and (out_dir / "last.pt").exists():
-        state, path = load_checkpoint(out_dir / "last.pt")
-        load_state(backbone, state["backbone"], "backbone", path)
-        load_state(head, state["projection_head"], "projection head", path)
-        optimizer.load_state_dict(state["optimizer"])
-        if not ctx.enabled:  # the saved stream is rank 0's; other ranks reseed (below)
-            generator.set_state(state["rng"]["augment"])
-        shuffle_gen.set_state(state["rng"]["shuffle"])
-        start_epoch, best_val = int(state["epoch"]), float(state["best_val"])
-        elapsed_before = float(state.get("elapsed", 0.0))
+        start_epoch, best_val, elapsed_before = _resume_from(out_dir / "last.pt", backbone, head, optimizer, generator, shuffle_gen, ctx)
         log(f"resuming after epoch {start_epoch} (best validation loss {best_val:.4f})")
     # A fresh start in a folder that kept only its metrics (a study whose .pt files were not kept)
     # starts a fresh table instead of appending a second epoch 1.
     metrics.truncate(start_epoch)
+    ran = dataclasses.replace(cfg, bf16=amp)  # the configuration as it ran: bf16 only where native
     if ctx.is_main:
-        cfg.save(out_dir / "config.yaml")
+        ran.save(out_dir / "config.yaml")
     last_epoch = cfg.pretrain.epochs
     if cfg.pretrain.max_minutes is not None and elapsed_before / 60 >= cfg.pretrain.max_minutes:
         log(f"nothing to resume: the time budget of {cfg.pretrain.max_minutes} minutes was spent after epoch {start_epoch}")
         last_epoch = start_epoch
 
-    bs = cfg.pretrain.batch_size
-    steps = len(train) // (bs * ctx.world)
     t_run = time.time()
     for epoch in range(start_epoch + 1, last_epoch + 1):
-        backbone.train()
-        head.train()
         t0 = time.time()
-        order = torch.randperm(len(train), generator=shuffle_gen)[ctx.rank :: ctx.world]
-        if ctx.enabled:
-            generator.manual_seed(cfg.pretrain.seed + 7919 * epoch + ctx.rank)  # resumable per rank
-        running, seen = 0.0, 0
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.pretrain.epochs}", disable=not (progress and ctx.is_main), leave=False)
-        for step in bar:
-            x = train.images[order[step * bs : (step + 1) * bs]].to(device, non_blocking=True)
-            loss = net(x, generator)
-            if any_rank(not bool(torch.isfinite(loss)), ctx):
-                raise Pix2RepError(
-                    f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step + 1}; "
-                    f"the last good checkpoint is {out_dir / 'last.pt'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.pretrain.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.pretrain.grad_clip)
-            optimizer.step()
-            running += float(loss.detach())
-            seen += bs * ctx.world
-            bar.set_postfix(loss=f"{running / (step + 1):.4f}", slices_s=f"{seen / (time.time() - t0):.1f}")
+        local_loss, seen = _train_epoch(net, optimizer, params, train, generator, shuffle_gen, cfg, ctx, device, epoch,
+                                        progress, out_dir)
         train_seconds = time.time() - t0
         val_loss = validation_loss(backbone, head, val, cfg, device, amp, ctx) if val is not None else float("nan")
-        train_loss = mean_over_ranks(running / max(steps, 1), ctx)
+        train_loss = mean_over_ranks(local_loss, ctx)
         seconds = time.time() - t0
         row = {
             "epoch": epoch,
@@ -295,32 +288,23 @@ def pretrain(
             "seconds": f"{seconds:.1f}",
         }
         monitored = val_loss if np.isfinite(val_loss) else train_loss
-        payload = {
-            "kind": "pix2rep-pretrain",
-            "config": cfg.to_dict(),
-            "versions": versions(),
-            "backbone": backbone.state_dict(),
-            "projection_head": head.state_dict(),
-            "epoch": epoch,
-            "val_loss": float(val_loss),
-            "pretrained_prefixes": pretrained_prefixes(cfg),
-        }
         improved = monitored < best_val
         best_val = min(best_val, monitored)
         elapsed = elapsed_before + time.time() - t_run
         if ctx.is_main:
-            if improved:
-                save_checkpoint(out_dir / "best.pt", {**payload, "best_val": best_val})
-            save_checkpoint(
-                out_dir / "last.pt",
-                {
-                    **payload,
-                    "best_val": best_val,
-                    "optimizer": optimizer.state_dict(),
-                    "rng": {"augment": generator.get_state().cpu(), "shuffle": shuffle_gen.get_state()},
-                    "elapsed": elapsed,
-                },
-            )
+            payload = {
+                "kind": "pix2rep-pretrain",
+                "config": ran.to_dict(),
+                "versions": versions(),
+                "backbone": backbone.state_dict(),
+                "projection_head": head.state_dict(),
+                "epoch": epoch,
+                "val_loss": float(val_loss),
+                "best_val": best_val,
+                "pretrained_prefixes": pretrained_prefixes(cfg),
+                "pretraining_patients": sorted(p.id for p in patients),
+            }
+            _save_epoch(out_dir, payload, improved, optimizer, generator, shuffle_gen, elapsed)
             metrics.append(row)
             plot_curves(metrics.rows, out_dir / "loss.png", ("train_loss", "val_loss"), f"pretraining ({cfg.pretrain.loss})")
         log(
@@ -339,6 +323,61 @@ def pretrain(
             break
     barrier(ctx)  # rank 0's last files are written before anyone returns
     return {"best_val_loss": best_val, "epochs": len(metrics.rows), "out_dir": str(out_dir)}
+
+
+def _resume_from(path: Path, backbone, head, optimizer, generator, shuffle_gen, ctx: DistContext) -> tuple[int, float, float]:
+    """Restore what ``last.pt`` saved; returns (its epoch, the best monitored loss, the seconds spent)."""
+    state, path = load_checkpoint(path)
+    load_state(backbone, state["backbone"], "backbone", path)
+    load_state(head, state["projection_head"], "projection head", path)
+    optimizer.load_state_dict(state["optimizer"])
+    if not ctx.enabled:  # the saved stream is rank 0's; under torchrun every rank reseeds each epoch
+        generator.set_state(state["rng"]["augment"])
+    shuffle_gen.set_state(state["rng"]["shuffle"])
+    return int(state["epoch"]), float(state["best_val"]), float(state.get("elapsed", 0.0))
+
+
+def _train_epoch(net, optimizer, params, train: SliceSet, generator, shuffle_gen, cfg: RunConfig, ctx: DistContext,
+                 device, epoch: int, progress: bool, out_dir: Path) -> tuple[float, int]:
+    """One pass over this rank's share of the epoch's shuffled order, a :func:`pretrain_step`
+    per batch; returns (the mean loss of this rank's steps, the slices all ranks saw)."""
+    from tqdm.auto import tqdm
+
+    net.train()
+    t0 = time.time()
+    bs = cfg.pretrain.batch_size
+    steps = len(train) // (bs * ctx.world)
+    order = torch.randperm(len(train), generator=shuffle_gen)[ctx.rank :: ctx.world]
+    if ctx.enabled:
+        generator.manual_seed(cfg.pretrain.seed + 7919 * epoch + ctx.rank)  # resumable per rank
+    running, seen = 0.0, 0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.pretrain.epochs}", disable=not (progress and ctx.is_main), leave=False)
+    for step in bar:
+        x = train.images[order[step * bs : (step + 1) * bs]].to(device, non_blocking=True)
+        try:
+            loss = pretrain_step(net, optimizer, x, generator, params, cfg.pretrain.grad_clip, ctx)
+        except NonFiniteLoss as exc:
+            raise Pix2RepError(f"{exc} at epoch {epoch}, step {step + 1}; the last good checkpoint is {out_dir / 'last.pt'}") from None
+        running += float(loss)
+        seen += bs * ctx.world
+        bar.set_postfix(loss=f"{running / (step + 1):.4f}", slices_s=f"{seen / (time.time() - t0):.1f}")
+    return running / max(steps, 1), seen
+
+
+def _save_epoch(out_dir: Path, payload: dict, improved: bool, optimizer, generator, shuffle_gen, elapsed: float) -> None:
+    """``best.pt`` when the monitored loss improved; ``last.pt`` always, with what resuming needs.
+    Each file is replaced atomically: an interruption leaves the previous epoch's."""
+    if improved:
+        save_checkpoint(out_dir / "best.pt", payload)
+    save_checkpoint(
+        out_dir / "last.pt",
+        {
+            **payload,
+            "optimizer": optimizer.state_dict(),
+            "rng": {"augment": generator.get_state().cpu(), "shuffle": shuffle_gen.get_state()},
+            "elapsed": elapsed,
+        },
+    )
 
 
 def _silent(*args, **kwargs) -> None:

@@ -30,11 +30,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..losses.positions import Positions
+
 # Order of the flip categories in ``flip_probs`` and in ``AffineParams.flip``.
 FLIP_NONE, FLIP_X, FLIP_Y = 0, 1, 2
 
-Positions = tuple[Tensor, Tensor, Tensor]
-"""Integer pixel positions ``(b, y, x)``: three 1-D long tensors of equal length."""
+
+@dataclass
+class SpatialAugmentConfig:
+    """The random affine between the two views (METHOD section 2): rotation angle uniform in
+    +-rotation_deg, zoom uniform in ``scale``, and a flip none / along x / along y with
+    probabilities ``flip_probs``."""
+
+    rotation_deg: float = 90.0
+    scale: tuple[float, float] = (0.33, 0.95)
+    flip_probs: tuple[float, float, float] = (0.45, 0.32, 0.23)  # none, x, y
+    enabled: bool = True  # False: the invariance ablation (intensity changes only)
+
+    def __post_init__(self):
+        self.scale = tuple(float(s) for s in self.scale)
+        self.flip_probs = tuple(float(p) for p in self.flip_probs)
 
 
 @dataclass
@@ -68,19 +83,18 @@ class AffineParams:
 
 def sample_affine_params(
     batch_size: int,
-    generator: Optional[torch.Generator] = None,
-    rotation_deg: float = 90.0,
-    scale: tuple[float, float] = (0.33, 0.95),
-    flip_probs: tuple[float, float, float] = (0.45, 0.32, 0.23),
+    generator: Optional[torch.Generator],
+    cfg: SpatialAugmentConfig,
     device: Optional[torch.device | str] = None,
     dtype: torch.dtype = torch.float32,
 ) -> AffineParams:
     """Draw per-sample affine parameters (METHOD.md section 2, step 2).
 
     angle ~ U[-rotation_deg, rotation_deg]; s ~ U[scale]; tx, ty ~ U[-(1 - s), 1 - s];
-    flip is none / along x / along y with probabilities ``flip_probs``. ``device`` defaults to
-    the generator's device.
+    flip is none / along x / along y with probabilities ``flip_probs`` (all from ``cfg``).
+    ``device`` defaults to the generator's device.
     """
+    rotation_deg, scale, flip_probs = cfg.rotation_deg, cfg.scale, cfg.flip_probs
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(flip_probs) != 3 or min(flip_probs) < 0 or not math.isclose(sum(flip_probs), 1.0, abs_tol=1e-6):
@@ -104,15 +118,13 @@ def sample_affine_params(
 
 def sample_affine(
     batch_size: int,
-    generator: Optional[torch.Generator] = None,
-    rotation_deg: float = 90.0,
-    scale: tuple[float, float] = (0.33, 0.95),
-    flip_probs: tuple[float, float, float] = (0.45, 0.32, 0.23),
+    generator: Optional[torch.Generator],
+    cfg: SpatialAugmentConfig,
     device: Optional[torch.device | str] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Draw a batch of random affine matrices ``(B, 2, 3)``; see :func:`sample_affine_params`."""
-    return sample_affine_params(batch_size, generator, rotation_deg, scale, flip_probs, device, dtype).to_theta()
+    return sample_affine_params(batch_size, generator, cfg, device, dtype).to_theta()
 
 
 def invert_affine(theta: Tensor) -> Tensor:
