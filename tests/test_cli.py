@@ -133,10 +133,16 @@ def test_resume_command_replaces_overwrite_with_resume():
     assert resume_command(["benchmark", "--resume"]) == "pix2rep benchmark --resume"
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _cli(args: list[str], cache: Path) -> subprocess.Popen:
+    """The CLI in a child process that starts with SIGINT ignored, as a command started in the
+    background of a non-interactive shell (CI) does: Ctrl-C must stop it all the same."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "PIX2REP_CACHE": str(cache)}
     return subprocess.Popen([sys.executable, "-m", "pix2rep", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:

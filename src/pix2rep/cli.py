@@ -198,7 +198,9 @@ def main(argv=None) -> int:
     keep_freed_memory()  # before the first large tensor: predict and evaluate benefit too
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach log files at once
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C: cleanly, resumable
+    # SIGTERM stops like Ctrl-C: cleanly, resumable. Ctrl-C is (re)installed too: a process
+    # started in the background of a non-interactive shell inherits SIGINT ignored.
+    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _interrupt), (signal.SIGINT, signal.default_int_handler))}
     try:
         return COMMANDS[args.command](args) or 0
     except Pix2RepError as exc:
@@ -210,7 +212,8 @@ def main(argv=None) -> int:
             print(f"to continue: {resume_command(argv)}", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _interrupt(signum, frame):
