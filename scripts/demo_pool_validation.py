@@ -7,6 +7,7 @@ study's sampler, trains MODE on them with the given settings, and scores 3D Dice
 (issue 18); the evaluation patients of the demo stay untouched.
 
   python scripts/demo_pool_validation.py PRETRAIN_DIR MODE [KEY=VALUE ...] [--n 1] [--seeds 0,1,2]
+      [--pretrain-epochs E]
 
 MODE is scratch, finetune, probe or random-probe; KEY=VALUE as `--set` (downstream.lr_backbone=1e-3,
 intensity.invert_p=0, downstream.augment=false, ...).
@@ -33,6 +34,7 @@ parser.add_argument("mode", choices=("scratch", "finetune", "probe", "random-pro
 parser.add_argument("settings", nargs="*", metavar="KEY=VALUE")
 parser.add_argument("--n", type=int, default=1)
 parser.add_argument("--seeds", default="0,1,2")
+parser.add_argument("--pretrain-epochs", type=int, default=None, help="instead of the demo plan's (when it pretrains)")
 args = parser.parse_args()
 
 quiet = lambda *_: None  # noqa: E731
@@ -41,7 +43,7 @@ pool = load_patients(write_demo_datasets()[0], cfg, log=quiet)
 pre = Path(args.pretrain_dir)
 if not (pre / "best.pt").exists():
     pre.mkdir(parents=True, exist_ok=True)
-    pretrain(cfg, pool, pre, progress=False)
+    pretrain(apply_overrides(cfg, {"pretrain.epochs": args.pretrain_epochs}), pool, pre, progress=False)
 backbone = load_checkpoint(pre / "best.pt")[0]["backbone"]
 settings = dict(parse_assignment(s) for s in args.settings)
 device = resolve_device(cfg.device)
