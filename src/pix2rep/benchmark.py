@@ -68,8 +68,6 @@ def pretraining_config(cfg: RunConfig, kind: str) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
-
-
 def cell_name(method: str, n: int, seed: int) -> str:
     return f"{method}-N{n}-s{seed}"
 

@@ -275,9 +275,9 @@ def _did_you_mean(word: str, known, prefix: str = "") -> str:
 
 def _all_keys(cls, prefix: str = "") -> list[str]:
     """Every dotted key of a config dataclass, for suggestions across sections."""
-    keys = []
+    keys, hints = [], typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+        hint = hints[f.name]
         keys += _all_keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [prefix + f.name]
     return keys
 

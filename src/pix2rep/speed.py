@@ -197,8 +197,6 @@ def _machine(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
-
-
 def _gflops(flops: Optional[float]) -> str:
     return "n/a (no native bf16: training runs in fp32)" if flops is None else f"{flops / 1e9:.1f}"
 

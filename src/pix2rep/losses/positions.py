@@ -7,8 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-Positions = tuple[Tensor, Tensor, Tensor]
-"""Integer pixel positions ``(b, y, x)``: three 1-D long tensors of equal length."""
+from ..transforms.spatial import Positions
 
 
 def _mask_3d(valid: Tensor, batch: int, height: int, width: int) -> Tensor:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses.positions import Positions
+Positions = tuple[Tensor, Tensor, Tensor]
+"""Integer pixel positions ``(b, y, x)``: three 1-D long tensors of equal length."""
 
 # Order of the flip categories in ``flip_probs`` and in ``AffineParams.flip``.
 FLIP_NONE, FLIP_X, FLIP_Y = 0, 1, 2
