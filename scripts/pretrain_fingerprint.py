@@ -21,6 +21,9 @@ from pix2rep.training.pretrain import PretrainNet, build_pretraining_modules, pr
 loss_kind = sys.argv[1] if len(sys.argv) > 1 else "infonce"
 torch.manual_seed(0)
 cfg = preset_config("cpu", pretrain={"loss": loss_kind})
+# The committed studies' flip probabilities (before the fix of issue 17), so that the
+# fingerprints recorded in README compare across that change.
+cfg.spatial.flip_probs = (0.45, 0.32, 0.23)
 backbone, head = build_pretraining_modules(cfg)
 backbone.to(memory_format=torch.channels_last).train()
 head.train()
