@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from pix2rep.evaluation.study import paired_difference, summarise_contrasts, summarise_grid, write_report
+import math
+
+import numpy as np
+
+from pix2rep.evaluation.study import (hierarchical_bootstrap_ci, paired_difference, summarise_contrasts, summarise_grid,
+                                      write_report)
 
 CLASSES = ("RV", "MYO", "LV")
 
@@ -38,8 +43,32 @@ INDEX = {(c["method"], c["n"], c["seed"]): c for c in CELLS}
 def test_paired_difference_pairs_patients_within_a_seed_then_averages_seeds():
     mean, lo, hi = paired_difference(INDEX, "pix2rep-mt", "pix2rep-ft", 1)
     assert mean == pytest.approx(0.4 / 3)
-    # a bootstrap mean of the values (0.1, 0.2, 0.1) lies between their extremes
-    assert 0.1 - 1e-9 <= lo <= mean <= hi <= 0.2 + 1e-9
+    # a resampled mean of the per-seed, per-patient differences (0.2, 0, 0.2; 0, 0.4, 0) lies between their extremes
+    assert 0.0 - 1e-9 <= lo <= mean <= hi <= 0.4 + 1e-9
+
+
+def test_hierarchical_bootstrap_resamples_the_seeds():
+    # Two seeds, every patient the same within a seed: resampling patients changes nothing, and
+    # a replicate's mean is 0.1, 0.2 or 0.3 with probabilities 1/4, 1/2, 1/4 (the two seeds
+    # drawn with replacement), so the 2.5th and 97.5th percentiles are 0.1 and 0.3. A bootstrap
+    # over patients of the seed-averaged differences (all 0.2) would give [0.2, 0.2].
+    lo, hi = hierarchical_bootstrap_ci(np.array([[0.1] * 5, [0.3] * 5]))
+    assert (lo, hi) == pytest.approx((0.1, 0.3))
+
+
+def test_hierarchical_bootstrap_with_one_seed_resamples_patients():
+    # One seed, two patients 0 and 1: replicate means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4.
+    assert hierarchical_bootstrap_ci(np.array([[0.0, 1.0]])) == pytest.approx((0.0, 1.0))
+
+
+def test_tables_show_the_sample_std_across_seeds():
+    # pix2rep-ft at N = 1: cell means 3.2 / 6, 3.4 / 6 and 0 (seeds 0, 1, 2)
+    values = [3.2 / 6, 3.4 / 6, 0.0]
+    mean = sum(values) / 3
+    sample_std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    m, s, k = summarise_grid(CELLS)["pix2rep-ft"][1]["dice_mean"]
+    assert (m, s, k) == (pytest.approx(mean), pytest.approx(sample_std), 3)
+    assert summarise_grid(CELLS)["pix2rep-mt"][2]["dice_mean"][1:] == (0.0, 1)  # one seed: no spread
 
 
 def test_paired_difference_is_none_without_a_shared_seed():

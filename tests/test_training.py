@@ -4,6 +4,7 @@ interruption and resumption."""
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -106,10 +107,10 @@ def test_a_non_finite_loss_is_refused_before_the_step():
 # ---------------------------------------------------------------- downstream
 
 
-@pytest.mark.parametrize("mode", ["finetune", "mean-teacher"])
-def test_an_interrupted_downstream_run_resumes_bit_for_bit(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode, schedule", [("finetune", "constant"), ("mean-teacher", "constant"), ("finetune", "cosine")])
+def test_an_interrupted_downstream_run_resumes_bit_for_bit(tmp_path, monkeypatch, mode, schedule):
     cfg = tiny_config(downstream={"mode": mode, "steps": 7, "eval_every": 2, "batch_size": 4, "mt_unlabeled_batch": 4,
-                                  "stopping": "validation", "patience": 10})
+                                  "stopping": "validation", "patience": 10, "lr_schedule": schedule})
     backbone_state = {k: v.clone() for k, v in downstream.UNet(cfg.model).state_dict().items()}
     labeled, validation, pool = patients(2), patients(1, seed=1), patients(2, labeled=False, seed=2)
 
@@ -133,6 +134,35 @@ def test_an_interrupted_downstream_run_resumes_bit_for_bit(tmp_path, monkeypatch
     assert [r["step"] for r in rows(tmp_path / "whole" / "metrics.csv")] == ["2", "4", "6", "7"]
     for out in ("whole", "cut"):  # a finished run leaves its model, not its resumption state
         assert (tmp_path / out / "model.pt").is_file() and not (tmp_path / out / "last.pt").exists()
+
+
+@pytest.mark.parametrize("schedule, step, steps, expected", [
+    ("constant", 1, 10, 1.0), ("constant", 10, 10, 1.0),
+    ("cosine", 1, 10, 1.0),  # the first step at the full rate
+    ("cosine", 6, 10, 0.5),  # (1 + cos(pi / 2)) / 2
+    ("cosine", 10, 10, (1 + math.cos(0.9 * math.pi)) / 2),  # the last step, 0.0245
+])
+def test_lr_factor(schedule, step, steps, expected):
+    assert downstream.lr_factor(schedule, step, steps) == pytest.approx(expected)
+
+
+def test_cosine_schedule_sets_every_group_rate_at_every_step(tmp_path, monkeypatch):
+    cfg = tiny_config(downstream={"mode": "finetune", "steps": 4, "batch_size": 4, "lr_schedule": "cosine"})
+    backbone_state = downstream.UNet(cfg.model).state_dict()
+    seen = []
+    real = downstream.optimizer_step
+
+    def recording(loss, optimizer, *args, **kwargs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return real(loss, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(downstream, "optimizer_step", recording)
+    downstream.train_segmentation(cfg, patients(1), None, backbone_state=backbone_state, progress=False,
+                                  pretrained_prefixes=[""])
+    d = cfg.downstream
+    expected = [[d.lr_backbone * f, d.lr_head * f] for f in (1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5,
+                                                               (1 + math.cos(3 * math.pi / 4)) / 2)]
+    assert seen == [pytest.approx(e) for e in expected]
 
 
 def test_downstream_records_the_precision_it_ran_in(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from .atomic import atomic_path
 from .config import RunConfig
 from .errors import Pix2RepError
 from .models import SegmentationModel, UNet
+from .shipped import looks_like_model_name, shipped_model_path
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -26,7 +27,10 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def find_checkpoint(model: str | Path, name: str = "best.pt") -> Path:
-    """``-m/--model`` accepts a run folder (its ``name`` checkpoint) or a checkpoint file."""
+    """``-m/--model`` accepts a run folder (its ``name`` checkpoint), a checkpoint file or the
+    name of a shipped model (:mod:`pix2rep.shipped`)."""
+    if looks_like_model_name(model):
+        return shipped_model_path(str(model))
     path = Path(model)
     if path.is_dir():
         for candidate in (name, "best.pt", "last.pt", "model.pt"):

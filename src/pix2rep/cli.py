@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--random-probe", dest="downstream.mode", action="store_const", const="random-probe",
                            help="train only a 1x1 head on a frozen random backbone (the floor)")
         else:
-            p.add_argument("-m", "--model", required=True, help="pretrained run folder or checkpoint")
+            p.add_argument("-m", "--model", required=True, help="pretrained run folder, checkpoint or shipped model name (pix2rep models)")
         if name != "probe":
             p.add_argument("--mean-teacher", dest="downstream.mode", action="store_const", const="mean-teacher",
                            help="add Mean Teacher consistency on the unlabeled slices of the split's patients")
@@ -109,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where annotated patients are drawn: dev-pool leaves out the 20 ACDC evaluation patients "
                             "(auto: dev-pool when they are present)")
         p.add_argument("--steps", dest="downstream.steps", type=int, default=None, help="optimiser steps (the same budget for every method)")
+        p.add_argument("--lr-schedule", dest="downstream.lr_schedule", choices=("constant", "cosine"), default=None,
+                       help="learning rates constant (default) or decayed to 0 by a cosine over the steps")
         p.add_argument("--loss", dest="downstream.loss", choices=("dice", "dice-ce"), default=None)
         p.add_argument("--postprocess", dest="downstream.postprocess", choices=("none", "largest-component"), default=None,
                        help="applied by evaluate and predict (recorded in the config)")
 
     p = sub.add_parser("evaluate", help="3D Dice, HD95 and clinical indices of a segmentation model")
-    p.add_argument("-m", "--model", required=True, help="segmentation run folder or model.pt")
+    p.add_argument("-m", "--model", required=True, help="segmentation run folder, model.pt or shipped model name")
     _common(p, protocol=False)
     p.add_argument("--cache", default=None)
     p.add_argument("--split", choices=("auto", "dev-eval", "all"), default="auto",
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment NIfTI / DICOM volumes (label-free ROI, no labels needed)")
     p.add_argument("-i", "--input", required=True, help="a NIfTI file, a folder of NIfTI files, or a DICOM folder")
     p.add_argument("-o", "--output", required=True, help="output folder (or a .nii.gz file for a single input file)")
-    p.add_argument("-m", "--model", required=True, help="segmentation run folder or model.pt")
+    p.add_argument("-m", "--model", required=True, help="segmentation run folder, model.pt or shipped model name")
     p.add_argument("--overlay", default=None, help="also write PNGs of the prediction over the image here")
     _common(p, data=False, out=False, settings=False, protocol=False)
 
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, preset=True)
     p.add_argument("--eval-data", dest="study.eval_data", default=None,
                    help="a separate labeled evaluation set (then all of --data is the pool)")
-    p.add_argument("-m", "--model", default=None, help="reuse this pretrained run instead of pretraining")
+    p.add_argument("-m", "--model", default=None, help="reuse this pretrained run (or shipped backbone) instead of pretraining")
     p.add_argument("--methods", dest="study.methods", type=_csv(str), default=None, help="comma-separated method names")
     p.add_argument("--n", dest="study.n", type=_csv(int), default=None, help="numbers of annotated patients, e.g. 1,2,5")
     p.add_argument("--seeds", dest="study.seeds", type=_csv(int), default=None)
@@ -159,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common(p, data=False, out=False, protocol=False, outputs=False, progress=False)
 
+    sub.add_parser("models", help="list the models shipped with pix2rep (usable by name in every -m/--model)")
+
     p = sub.add_parser("features", help="show a model's per-pixel features (PCA to RGB) beside the image")
     p.add_argument("-i", "--input", required=True, help="a NIfTI volume")
-    p.add_argument("-m", "--model", required=True, help="run folder or checkpoint file")
+    p.add_argument("-m", "--model", required=True, help="run folder, checkpoint file or shipped model name")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--slices", type=int, default=4)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -340,7 +344,22 @@ def _cmd_features(args) -> int:
     return 0
 
 
-COMMANDS = {"data": _cmd_data, "pretrain": _cmd_pretrain, "features": _cmd_features, "probe": _cmd_downstream,
+def _cmd_models(args) -> int:
+    from .shipped import shipped_models
+
+    models = shipped_models()
+    if not models:
+        print("no shipped models in this installation")
+        return 0
+    for m in models:
+        size = f"{m.path.stat().st_size / 1e6:.1f} MB" if m.path.is_file() else "file missing"
+        print(f"{m.name}  ({m.kind}, preset {m.preset}, {m.protocol} protocol, {size})\n"
+              f"  {m.description}\n  trained on: {m.training_data}\n  made by: {m.command} (commit {m.commit})")
+    print("use a name wherever -m/--model is accepted; MODEL_CARD.md describes each model")
+    return 0
+
+
+COMMANDS = {"data": _cmd_data, "models": _cmd_models, "pretrain": _cmd_pretrain, "features": _cmd_features, "probe": _cmd_downstream,
             "finetune": _cmd_downstream, "train": _cmd_downstream, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
             "benchmark": _cmd_benchmark, "demo": _cmd_demo, "bench": _cmd_bench}
 

@@ -84,6 +84,8 @@ class DownstreamConfig:
     lr_backbone: float = 5e-5
     lr_head: float = 1e-2
     lr_scratch: float = 3e-3  # tuned: scripts/tune_baseline_lr.py (README)
+    # "constant" (the committed studies) or "cosine": every rate times (1 + cos(pi t / steps)) / 2
+    lr_schedule: str = "constant"
     augment: bool = True  # intensity augmentation of the images (no spatial, as the reference)
     stopping: str = "fixed-steps"  # or "validation"
     val_patients: int = 0
@@ -109,6 +111,8 @@ class DownstreamConfig:
             raise ValueError(f"postprocess must be 'none' or 'largest-component', got {self.postprocess!r}")
         if self.stopping not in ("fixed-steps", "validation"):
             raise ValueError(f"stopping must be 'fixed-steps' or 'validation', got {self.stopping!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 
 @dataclass

@@ -65,28 +65,36 @@ def cell_mean(cell: dict, key: str = "dice_mean") -> float:
     return float(np.nanmean([float(r[key]) for r in cell["rows"]]))
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean of ``values``."""
-    values = np.asarray(values, dtype=float)
-    if values.size < 2:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (n_boot, values.size))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def index_cells(cells: list[dict]) -> dict:
     """(method, N, seed) -> cell."""
     return {(c["method"], c["n"], c["seed"]): c for c in cells}
 
 
-def paired_difference(index: dict, method: str, reference: str, n: int) -> Optional[tuple[float, float, float]]:
-    """Dice of ``method`` minus Dice of ``reference``, paired by patient: (mean, 95 % CI low, high).
+def hierarchical_bootstrap_ci(diffs: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean of ``diffs`` (seeds x patients), resampling both levels.
 
-    For each seed both have at this N (so the same annotated patients), the per-patient Dice
-    differences; these are averaged over seeds, then over patients, with a percentile bootstrap
-    interval over patients. ``index`` is :func:`index_cells`. None: no shared seed."""
+    Each replicate draws S seeds with replacement (which annotated patients were drawn), then P
+    evaluation patients with replacement (the same patients for every seed: each seed is scored on
+    the same evaluation set), and takes the mean of the chosen block. With one seed this is the
+    bootstrap over patients alone."""
+    diffs = np.asarray(diffs, dtype=float)
+    n_seeds, n_patients = diffs.shape
+    if n_patients < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, (n_boot, n_seeds))
+    patients = rng.integers(0, n_patients, (n_boot, n_patients))
+    chosen = diffs[seeds]  # (n_boot, S, P): each replicate's seeds
+    chosen = np.take_along_axis(chosen, np.repeat(patients[:, None, :], n_seeds, axis=1), axis=2)
+    means = chosen.mean(axis=(1, 2))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_differences(index: dict, method: str, reference: str, n: int) -> Optional[np.ndarray]:
+    """Per seed and evaluation patient, Dice of ``method`` minus Dice of ``reference`` trained on
+    the same annotated patients (same N and seed): an array seeds x patients (None: no shared seed).
+    ``index`` is :func:`index_cells`."""
     diffs = []
     for seed in sorted(seed for (m, k, seed) in index if m == method and k == n):
         ref = index.get((reference, n, seed))
@@ -94,10 +102,19 @@ def paired_difference(index: dict, method: str, reference: str, n: int) -> Optio
             continue
         a, b = per_patient_dice(index[(method, n, seed)]), per_patient_dice(ref)
         diffs.append([a[p] - b[p] for p in sorted(a) if p in b])
-    if not diffs:
+    return np.array(diffs) if diffs else None
+
+
+def paired_difference(index: dict, method: str, reference: str, n: int) -> Optional[tuple[float, float, float]]:
+    """Dice of ``method`` minus Dice of ``reference``, paired by seed and patient: (mean, 95 % CI).
+
+    The mean is over seeds and evaluation patients of :func:`paired_differences`; the interval is
+    the :func:`hierarchical_bootstrap_ci`, which resamples the draws of annotated patients (seeds)
+    and then the evaluation patients. None: no shared seed."""
+    diffs = paired_differences(index, method, reference, n)
+    if diffs is None:
         return None
-    per_patient = np.mean(np.array(diffs), axis=0)  # averaged over seeds
-    return (float(per_patient.mean()), *bootstrap_ci(per_patient))
+    return (float(diffs.mean()), *hierarchical_bootstrap_ci(diffs))
 
 
 def summarise_grid(cells: list[dict]) -> dict:
@@ -111,7 +128,8 @@ def summarise_grid(cells: list[dict]) -> dict:
             cs = entry["cells"]
             for key in ["dice_mean"] + [f"dice_{k}" for k in CLASSES]:
                 vals = np.array([cell_mean(c, key) for c in cs])
-                entry[key] = (float(vals.mean()), float(vals.std(ddof=0)), len(vals))
+                # sample std (ddof = 1) across seeds; 0 where there is one seed (shown as the mean alone)
+                entry[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals))
             if method != "baseline":
                 diff = paired_difference(index, method, "baseline", n)
                 if diff is not None:
@@ -232,7 +250,7 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
     lines += [f"Data: `{meta.get('data')}`; evaluation: {meta.get('evaluation')}; protocol `{meta.get('protocol')}`; "
               f"preset `{meta.get('preset')}`.", "",
               "Dice: 3D, per volume at native resolution, mean over the 3 classes (RV, MYO, LV), then over "
-              "evaluation volumes (patients x ED/ES); mean ± std across seeds.", ""]
+              "evaluation volumes (patients x ED/ES); mean ± sample std (ddof = 1) across seeds.", ""]
     lines += ["## Mean Dice versus number of annotated patients", "",
               "| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for m in methods:
@@ -246,7 +264,8 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
                 lines.append(f"| {m} | {n} | " + " | ".join(_fmt(e[f'dice_{k}'], planned.get((m, n), 0)) for k in CLASSES) + " |")
     lines += ["", "## Paired difference against the baseline", "",
               "Per evaluation patient, Dice of the method minus Dice of the baseline trained on the same patients "
-              "(same N and seed), averaged over seeds; 95 % bootstrap interval over patients.", "",
+              "(same N and seed), averaged over seeds and patients; 95 % hierarchical bootstrap interval, "
+              "resampling the seeds (draws of annotated patients), then the evaluation patients.", "",
               "| method | N | difference (Dice points) | 95 % CI |", "|---|---|---|---|"]
     for m in methods:
         for n in ns:
@@ -267,14 +286,17 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
                 v = table[m][1]["dice_mean"][0]
                 rel = 100 * (v - base1) / base1 if base1 > 0 else float("inf")
                 headline[m] = {"points": v - base1, "relative_percent": rel}
+                d = table[m][1].get("diff")
+                paired = f" (paired, 95 % hierarchical bootstrap interval [{d[1]:+.3f}, {d[2]:+.3f}])" if d else ""
                 lines.append(f"- One-shot (N = 1), {METHOD_LABELS[m]}: {v:.3f} vs baseline {base1:.3f}: "
-                             f"{v - base1:+.3f} Dice points, {rel:+.1f} % relative (paper: +30 % LP, +31 % FT).")
+                             f"{v - base1:+.3f} Dice points{paired}, {rel:+.1f} % relative (paper: +30 % LP, +31 % FT).")
         pool = meta.get("pool_size", 80)
         for m in ("pix2rep-lp", "pix2rep-ft"):
             for n in (1, 2, 5):
                 if m in table and n in table[m]:
                     lines.append(f"- Annotation efficiency, {m} at N = {n}: {efficiency_factor(table, m, n, pool)} "
                                  "(paper: about 5x).")
+    lines += per_seed_lines(index_cells(cells), methods, 1)
     invocations = read_invocations(out)
     first = invocations[0]["command"] if invocations else meta.get("command")
     lines += ["", "![Dice versus N](dice_vs_n.png)", "", "## How this was produced", "",
@@ -293,6 +315,31 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
     return {"table": {m: {str(n): {k: v for k, v in e.items() if k != "cells"} for n, e in by.items()} for m, by in table.items()},
             "contrasts": {name: {str(n): d for n, d in by.items()} for name, by in contrasts.items()},
             "headline": headline, "synthetic_data": synthetic}
+
+
+def per_seed_lines(index: dict, methods: list[str], n: int) -> list[str]:
+    """Report lines: each method's mean Dice per seed at ``n``, and its difference from the
+    baseline trained on the same patients (the spread that a single draw hides)."""
+    seeds = sorted({s for (m, k, s) in index if k == n})
+    if len(seeds) < 2:
+        return []
+    lines = ["", f"## Per seed at N = {n}", "",
+             "Mean Dice of each draw of annotated patients (seed), and in brackets the difference from the "
+             "baseline trained on the same patients.", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for m in methods:
+        if not any((m, n, s) in index for s in seeds):
+            continue
+        texts = []
+        for s in seeds:
+            if (m, n, s) not in index:
+                texts.append("")
+                continue
+            v = cell_mean(index[(m, n, s)])
+            ref = index.get(("baseline", n, s))
+            texts.append(f"{v:.3f}" + (f" ({v - cell_mean(ref):+.3f})" if ref is not None and m != "baseline" else ""))
+        lines.append(f"| {m} | " + " | ".join(texts) + " |")
+    return lines
 
 
 def plot_dice_vs_n(table: dict, methods: list[str], out_png: Path, prefix: str = "") -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -242,6 +243,15 @@ def update_teacher(teacher: nn.Module, student: nn.Module, decay: float) -> None
         p_t.lerp_(p_s, 1.0 - decay)
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The factor on every base learning rate at optimiser step ``step`` (1-based) of ``steps``:
+    1 (``constant``) or (1 + cos(pi (step - 1) / steps)) / 2 (``cosine``: 1 at the first step,
+    falling towards 0 at the last). A function of the step alone, so a resumed run follows it."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(1, steps)))
+
+
 def train_step(training: Supervised, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step: int,
                grad_clip: Optional[float], ctx: DistContext = SINGLE) -> dict[str, float]:
     """One optimiser step of downstream training on the annotated batch ``x``, ``y``, as the
@@ -317,6 +327,7 @@ def train_segmentation(
         calibrate_batchnorm(model.backbone, train.images, device, amp, memory_format(cfg.channels_last))
     optimizer_mode = ("finetune" if backbone_state is not None else "scratch") if mean_teacher else d.mode
     optimizer = build_optimizer(model, cfg, optimizer_mode, pretrained_prefixes)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume loads decayed ones
     loss_fn = segmentation_loss(d.loss)
     gen = torch.Generator(device=device).manual_seed(d.seed + ctx.rank)
     pick_gen = torch.Generator().manual_seed(d.seed + ctx.rank)
@@ -346,6 +357,8 @@ def train_segmentation(
     bar = tqdm(range(start + 1, last_step + 1), desc=d.mode, disable=not (progress and ctx.is_main), leave=False)
     for step in bar:
         training.train()
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * lr_factor(d.lr_schedule, step, d.steps)
         idx = torch.randint(len(train), (d.batch_size,), generator=pick_gen)
         x, y = train.images[idx].to(device), train.masks[idx, None].to(device)
         if d.augment:

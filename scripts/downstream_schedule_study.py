@@ -1,0 +1,176 @@
+"""Choose the downstream schedule from curves on POOL patients only (issue 17).
+
+  python scripts/downstream_schedule_study.py --data ../shared/data/acdc/training \
+      -m pix2rep-acdc-backbone --out docs/schedule [--methods baseline,pix2rep-ft] [--n 1,5,80] \
+      [--steps 250,500,1000,2000,4000] [--seeds 0,1,2] [--device auto]
+
+Ten patients of the 80-patient development pool (two per group, a fixed draw) are set aside as
+a VALIDATION set; few-shot sets are drawn, with the study's stratified sampler, from the 70
+others (N = 80 means all 70). The 20 evaluation patients are never loaded. For each method, N,
+seed and number of optimiser steps, one run with the cosine learning-rate decay is scored by 3D
+Dice (mean over RV, MYO, LV) on the validation patients.
+
+Writes, into --out (resumable: finished runs are kept in the CSV and skipped):
+- ``schedule_curves.csv``: one row per run (method, N, seed, steps, validation Dice, seconds);
+- ``schedule_curves.png``: validation Dice against steps, per method and N;
+- ``schedule_summary.md``: per method and N, the change of the mean Dice when the steps double,
+  and the smallest tried S at which doubling moves it by less than 0.01 (the criterion).
+
+The backbone (``-m``) must be pretrained on pool patients only (the shipped
+``pix2rep-acdc-backbone`` is): fine-tuning reads it, the baseline ignores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pix2rep.checkpoints import load_pretrained_backbone_weights
+from pix2rep.config import apply_overrides
+from pix2rep.data.dataset import load_patients
+from pix2rep.data.sampling import resolve_split, sample_few_shot_patients
+from pix2rep.evaluation.evaluate import evaluate_patients
+from pix2rep.runtime import resolve_device
+from pix2rep.training.downstream import train_segmentation
+
+METHODS = {"baseline": "scratch", "pix2rep-ft": "finetune", "pix2rep-lp": "probe"}
+COLUMNS = ("method", "N", "train_patients", "seed", "steps", "val_dice", "val_RV", "val_MYO", "val_LV", "seconds")
+CRITERION = 0.01
+VALIDATION_PER_GROUP = 2
+
+
+def validation_split(pool: list, seed: int = 1234) -> tuple[list, list]:
+    """(validation, rest): VALIDATION_PER_GROUP patients of each group, a fixed draw."""
+    rng = np.random.default_rng(seed)
+    validation = []
+    for group in sorted({p.group for p in pool}, key=str):
+        members = sorted((p for p in pool if p.group == group), key=lambda p: p.id)
+        validation += [members[i] for i in rng.permutation(len(members))[:VALIDATION_PER_GROUP]]
+    ids = {p.id for p in validation}
+    return validation, [p for p in pool if p.id not in ids]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(open(path))) if path.exists() else []
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """(method, N) -> {steps: mean validation Dice over seeds}."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["method"], int(r["N"])), {}).setdefault(int(r["steps"]), []).append(float(r["val_dice"]))
+    return {k: {s: float(np.mean(v)) for s, v in sorted(by.items())} for k, by in out.items()}
+
+
+def write_summary(out: Path, rows: list[dict], command: str) -> None:
+    lines = ["# Downstream schedule: validation Dice on pool patients", "",
+             f"`{command}`", "",
+             "Mean over seeds of the validation Dice (10 pool patients, never the evaluation patients). "
+             f"Criterion: doubling the steps moves it by less than {CRITERION}.", "",
+             "| method | N | steps: Dice (change from half the steps) | smallest S meeting the criterion |", "|---|---|---|---|"]
+    for (method, n), by in sorted(summarise(rows).items()):
+        steps = sorted(by)
+        cells, chosen = [], None
+        for i, s in enumerate(steps):
+            change = f" ({by[s] - by[steps[i - 1]]:+.3f})" if i and steps[i - 1] * 2 == s else ""
+            cells.append(f"{s}: {by[s]:.3f}{change}")
+            if chosen is None and s * 2 in by and abs(by[s * 2] - by[s]) < CRITERION:
+                chosen = s
+        seeds = len({r["seed"] for r in rows if r["method"] == method and int(r["N"]) == n})
+        lines.append(f"| {method} | {n} | {'; '.join(cells)} | {chosen if chosen else 'none of those tried'} "
+                     f"({seeds} seed{'s' if seeds != 1 else ''}) |")
+    (out / "schedule_summary.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, n), by in sorted(summarise(rows).items()):
+        ax.plot(list(by), list(by.values()), marker="o", label=f"{method}, N = {n}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("optimiser steps (cosine decay)")
+    ax.set_ylabel("validation Dice (pool patients)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "schedule_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("-m", "--model", required=True, help="backbone pretrained on pool patients (run, file or shipped name)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--methods", default="baseline,pix2rep-ft")
+    ap.add_argument("--n", default="1,5,80")
+    ap.add_argument("--steps", default="250,500,1000,2000,4000")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    command = shlex.join(["python", "scripts/downstream_schedule_study.py", *sys.argv[1:]])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = load_pretrained_backbone_weights(args.model)
+    base = weights.config
+    if args.device:
+        base.device = args.device
+    quiet = lambda *_: None  # noqa: E731
+    pool = resolve_split(load_patients(args.data, base, log=quiet), "dev-pool", "training", where=args.data)
+    validation, rest = validation_split(pool)
+    leaked = sorted(set(weights.patients) - {p.id for p in pool})  # labels unused, but images are images
+    if leaked:
+        raise SystemExit(f"{args.model}: pretrained on patients outside the development pool: {leaked}")
+    device = resolve_device(base.device)
+    rows = read_rows(out / "schedule_curves.csv")
+    done = {(r["method"], r["N"], r["seed"], r["steps"]) for r in rows}
+    for method in args.methods.split(","):
+        for n in (int(k) for k in args.n.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                chosen = sample_few_shot_patients(rest, min(n, len(rest)), seed)
+                for steps in (int(s) for s in args.steps.split(",")):
+                    if (method, str(n), str(seed), str(steps)) in done:
+                        continue
+                    cfg = apply_overrides(base, {"downstream.mode": METHODS[method], "downstream.seed": seed,
+                                                 "downstream.steps": steps, "downstream.lr_schedule": "cosine"})
+                    state = weights.state if method != "baseline" else None
+                    t0 = time.time()
+                    model, _ = train_segmentation(cfg, chosen, None, backbone_state=state, progress=False, log=quiet,
+                                                  pretrained_prefixes=weights.prefixes if state is not None else None)
+                    scored, _, _ = evaluate_patients(model, validation, device, cfg.bf16)
+                    per_class = {c: float(np.mean([r[f"dice_{c}"] for r in scored])) for c in ("RV", "MYO", "LV")}
+                    rows.append({"method": method, "N": n, "train_patients": len(chosen), "seed": seed, "steps": steps,
+                                 "val_dice": f"{np.mean(list(per_class.values())):.5f}",
+                                 **{f"val_{c}": f"{v:.5f}" for c, v in per_class.items()},
+                                 "seconds": f"{time.time() - t0:.1f}"})
+                    write_rows(out / "schedule_curves.csv", rows)
+                    print(f"{method} N={n} seed={seed} steps={steps}: validation Dice {rows[-1]['val_dice']} "
+                          f"({rows[-1]['seconds']} s)", flush=True)
+                    write_summary(out, rows, command)
+                    plot(out, rows)
+    write_summary(out, rows, command)
+    plot(out, rows)
+    print(f"wrote {out / 'schedule_summary.md'}")
+
+
+if __name__ == "__main__":
+    main()
