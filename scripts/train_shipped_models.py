@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="folder for the runs (resumable)")
     ap.add_argument("--steps", type=int, default=4000, help="fine-tuning steps on the 80 pool patients")
     ap.add_argument("--max-minutes", type=float, default=28.0, help="pretraining time cap")
+    ap.add_argument("--pretraining-note", default="", help="a sentence for the card about how the pretraining ran "
+                                                             "(e.g. where an earlier run of the same command was resumed)")
     args = ap.parse_args()
     work, data = Path(args.work), args.data
     pre, seg, ev = work / "backbone", work / "segmentation", work / "evaluation"
@@ -88,7 +90,7 @@ def main() -> None:
                     "command": pretrain_cmd})
     entries.append({"name": SEGMENTATION, "file": files[SEGMENTATION]["file"], "sha256": files[SEGMENTATION]["sha256"],
                     "kind": "segmentation", **common,
-                    "description": f"short-axis cine cardiac MRI segmentation (RV, MYO, LV): {BACKBONE} fine-tuned on "
+                    "description": f"Short-axis cine cardiac MRI segmentation (RV, MYO, LV): {BACKBONE} fine-tuned on "
                                    f"80 annotated patients",
                     "training_data": "ED and ES frames with labels of the 80 ACDC development-pool patients",
                     "command": finetune_cmd})
@@ -155,9 +157,9 @@ def write_model_card(entries, files, ev: Path, pre: Path, seg: Path, evaluate_cm
         "",
         f"- Command: `{b['command']}`",
         f"- Pretraining: Pix2Rep (pixel-level NT-Xent between an intensity-augmented view and a spatially warped "
-        f"one), {len(pre_rows)} epochs, {float(pre_rows[-1]['seconds']) / 60:.1f} minutes on a 2-core CPU; the shipped "
+        f"one), {len(pre_rows)} epochs, {sum(float(r['seconds']) for r in pre_rows) / 60:.1f} minutes on a 2-core CPU; the shipped "
         f"weights are the epoch with the lowest validation loss (epoch {best['epoch']}, {float(best['val_loss']):.4f}, "
-        f"on 8 pool patients held out of pretraining).",
+        f"on 8 pool patients held out of pretraining).{' ' + args.pretraining_note if args.pretraining_note else ''}",
         "- No segmentation head: it is a starting point. `pix2rep finetune -m pix2rep-acdc-backbone --data YOURS "
         "--patients N --out DIR` fine-tunes it.",
         "",
