@@ -17,7 +17,7 @@ from pix2rep.cli import main
 from pix2rep.errors import Pix2RepError
 from pix2rep.shipped import file_sha256, shipped_model_path, shipped_models
 
-from .conftest import ACDC_TRAINING, needs_acdc
+from conftest import ACDC_TRAINING, needs_acdc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = shipped_models()
