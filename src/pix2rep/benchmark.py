@@ -92,6 +92,7 @@ def run_cell(
     cell_cfg = RunConfig.from_dict(cfg.to_dict())
     cell_cfg.downstream.mode = mode
     cell_cfg.downstream.seed = seed
+    cell_cfg.downstream.steps = cfg.study.steps_for(n, cfg.downstream.steps)
     chosen = sample_few_shot_patients(pool, n, seed)
     cell_cfg.patients = [p.id for p in chosen]
     t0 = time.time()
@@ -200,8 +201,10 @@ def run_study(cfg: RunConfig, data: str | Path, out: str | Path, *, model: Optio
     meta = {**machine_meta(device), "data": cfg.data, "evaluation": eval_desc, "protocol": cfg.preprocess.protocol,
             "preset": cfg.preset, "pool_size": len(pool), "planned_seeds": Counter((m, n) for m, n, _ in grid),
             "pretraining_folders": {kind: folder for kind, (folder, _) in PRETRAININGS.items()},
-            "budget": f"{cfg.downstream.steps} optimiser steps of batch {cfg.downstream.batch_size} for every method, "
-                      f"rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
+            "budget": (f"{cfg.downstream.steps} optimiser steps" if not cfg.study.steps_by_n else
+                       "optimiser steps by N (" + ", ".join(f"{v} from N = {k}" for k, v in cfg.study.steps_by_n) + ")")
+                      + f" of batch {cfg.downstream.batch_size} for every method, learning rates "
+                      f"{cfg.downstream.lr_schedule}, rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
     synthetic = is_synthetic_dataset(data)
     grid_seconds = 0.0
     for i, (m, n, s) in enumerate(grid, 1):

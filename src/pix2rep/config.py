@@ -129,6 +129,9 @@ class StudyPlan:
     seeds: tuple[int, ...] = (0, 1, 2)
     full_pool: bool = True
     eval_data: str = ""
+    # Steps that grow with N: pairs (N, steps); a cell of N takes the steps of the largest listed
+    # N not above it. Empty: downstream.steps for every cell (the equal-budget studies).
+    steps_by_n: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         self.methods, self.n, self.seeds = tuple(self.methods), tuple(self.n), tuple(self.seeds)
@@ -136,6 +139,16 @@ class StudyPlan:
             raise ValueError("a study needs at least one method, one N and one seed")
         if min(self.n) < 1:
             raise ValueError(f"every N must be at least 1, got {list(self.n)}")
+        self.steps_by_n = tuple(sorted(tuple(int(v) for v in pair) for pair in self.steps_by_n))
+        if any(n < 1 or steps < 1 for n, steps in self.steps_by_n):
+            raise ValueError(f"steps_by_n pairs (N, steps) must be positive, got {[list(p) for p in self.steps_by_n]}")
+        if self.steps_by_n and min(self.n) < self.steps_by_n[0][0]:
+            raise ValueError(f"steps_by_n starts at N = {self.steps_by_n[0][0]}, above the smallest N {min(self.n)}")
+
+    def steps_for(self, n: int, default: int) -> int:
+        """The downstream steps of a cell with ``n`` annotated patients."""
+        listed = [steps for k, steps in self.steps_by_n if k <= n]
+        return listed[-1] if listed else default
 
 
 @dataclass
