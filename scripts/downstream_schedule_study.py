@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pix2rep.checkpoints import load_pretrained_backbone_weights
-from pix2rep.config import apply_overrides
+from pix2rep.config import apply_overrides, parse_assignment
 from pix2rep.data.dataset import load_patients
 from pix2rep.data.sampling import resolve_split, sample_few_shot_patients
 from pix2rep.evaluation.evaluate import evaluate_patients
@@ -126,12 +126,15 @@ def main() -> None:
     ap.add_argument("--steps", default="250,500,1000,2000,4000")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other setting, e.g. downstream.probe_features=cached (recorded in the summary's command)")
+    ap.add_argument("--label", default="", help="a suffix of the method name in the CSV, for a variant given by --set")
     args = ap.parse_args()
     command = shlex.join(["python", "scripts/downstream_schedule_study.py", *sys.argv[1:]])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = load_pretrained_backbone_weights(args.model)
-    base = weights.config
+    base = apply_overrides(weights.config, dict(parse_assignment(a) for a in args.set))
     if args.device:
         base.device = args.device
     quiet = lambda *_: None  # noqa: E731
@@ -144,11 +147,12 @@ def main() -> None:
     rows = read_rows(out / "schedule_curves.csv")
     done = {(r["method"], r["N"], r["seed"], r["steps"]) for r in rows}
     for method in args.methods.split(","):
+        name = method + args.label
         for n in (int(k) for k in args.n.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 chosen = sample_few_shot_patients(rest, min(n, len(rest)), seed)
                 for steps in (int(s) for s in args.steps.split(",")):
-                    if (method, str(n), str(seed), str(steps)) in done:
+                    if (name, str(n), str(seed), str(steps)) in done:
                         continue
                     cfg = apply_overrides(base, {"downstream.mode": METHODS[method], "downstream.seed": seed,
                                                  "downstream.steps": steps, "downstream.lr_schedule": "cosine"})
@@ -158,12 +162,12 @@ def main() -> None:
                                                   pretrained_prefixes=weights.prefixes if state is not None else None)
                     scored, _, _ = evaluate_patients(model, validation, device, cfg.bf16)
                     per_class = {c: float(np.mean([r[f"dice_{c}"] for r in scored])) for c in ("RV", "MYO", "LV")}
-                    rows.append({"method": method, "N": n, "train_patients": len(chosen), "seed": seed, "steps": steps,
+                    rows.append({"method": name, "N": n, "train_patients": len(chosen), "seed": seed, "steps": steps,
                                  "val_dice": f"{np.mean(list(per_class.values())):.5f}",
                                  **{f"val_{c}": f"{v:.5f}" for c, v in per_class.items()},
                                  "seconds": f"{time.time() - t0:.1f}"})
                     write_rows(out / "schedule_curves.csv", rows)
-                    print(f"{method} N={n} seed={seed} steps={steps}: validation Dice {rows[-1]['val_dice']} "
+                    print(f"{name} N={n} seed={seed} steps={steps}: validation Dice {rows[-1]['val_dice']} "
                           f"({rows[-1]['seconds']} s)", flush=True)
                     write_summary(out, rows, command)
                     plot(out, rows)

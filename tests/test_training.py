@@ -165,6 +165,23 @@ def test_cosine_schedule_sets_every_group_rate_at_every_step(tmp_path, monkeypat
     assert seen == [pytest.approx(e) for e in expected]
 
 
+@pytest.mark.parametrize("mode", ["probe", "random-probe"])
+def test_a_probe_on_cached_features_trains_the_head_as_the_live_probe_does(tmp_path, monkeypatch, mode):
+    # frozen backbone in eval mode, no augmentation: the features of a slice are the same at every
+    # step, so computing them once must give the same head (up to float rounding)
+    monkeypatch.setattr(downstream, "use_bf16", lambda requested, device: False)
+    heads = {}
+    state = downstream.UNet(tiny_config().model).state_dict() if mode == "probe" else None  # one backbone for both
+    for features in ("live", "cached"):
+        cfg = tiny_config(downstream={"mode": mode, "steps": 6, "batch_size": 4, "augment": False,
+                                      "probe_features": features})
+        model, _ = downstream.train_segmentation(cfg, patients(2), None, backbone_state=state, progress=False,
+                                                 pretrained_prefixes=[""] if state else None)
+        heads[features] = model.head.state_dict()
+    for name, live in heads["live"].items():
+        assert torch.allclose(live, heads["cached"][name], atol=1e-5), name
+
+
 def test_downstream_records_the_precision_it_ran_in(tmp_path, monkeypatch):
     monkeypatch.setattr(downstream, "use_bf16", lambda requested, device: False)
     cfg = tiny_config(downstream={"mode": "scratch", "steps": 2, "batch_size": 4})

@@ -87,6 +87,10 @@ class DownstreamConfig:
     # "constant" (the committed studies) or "cosine": every rate times (1 + cos(pi t / steps)) / 2
     lr_schedule: str = "constant"
     augment: bool = True  # intensity augmentation of the images (no spatial, as the reference)
+    # Probes ("probe", "random-probe"): "live" runs the frozen backbone on every (augmented)
+    # batch; "cached" computes the features of the un-augmented slices once and trains the
+    # head on them (the same as live with augment false, many times faster per step)
+    probe_features: str = "live"
     stopping: str = "fixed-steps"  # or "validation"
     val_patients: int = 0
     eval_every: int = 100
@@ -111,6 +115,8 @@ class DownstreamConfig:
             raise ValueError(f"postprocess must be 'none' or 'largest-component', got {self.postprocess!r}")
         if self.stopping not in ("fixed-steps", "validation"):
             raise ValueError(f"stopping must be 'fixed-steps' or 'validation', got {self.stopping!r}")
+        if self.probe_features not in ("live", "cached"):
+            raise ValueError(f"probe_features must be 'live' or 'cached', got {self.probe_features!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 

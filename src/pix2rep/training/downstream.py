@@ -102,13 +102,16 @@ def build_optimizer(
 
 
 class _TrainingForward(nn.Module):
-    """The training forward (frozen backbone or not) as a module, the unit DDP wraps."""
+    """The training forward (frozen backbone or not; on cached features, the head alone) as a
+    module, the unit DDP wraps."""
 
-    def __init__(self, model: SegmentationModel, frozen: bool):
+    def __init__(self, model: SegmentationModel, frozen: bool, on_features: bool = False):
         super().__init__()
-        self.model, self.frozen = model, frozen
+        self.model, self.frozen, self.on_features = model, frozen, on_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_features:
+            return self.model.head(x)
         if self.frozen:
             with torch.no_grad():
                 feats = self.model.backbone(x)
@@ -127,12 +130,12 @@ class Supervised:
     curves = ("train_loss", "val_loss")
 
     def __init__(self, model: SegmentationModel, loss_fn: nn.Module, frozen: bool, cfg: RunConfig, device: torch.device,
-                 amp: bool, ctx: DistContext = SINGLE):
+                 amp: bool, ctx: DistContext = SINGLE, on_features: bool = False):
         if frozen:
             model.backbone.requires_grad_(False)  # before DDP, which registers what requires grad
         self.model, self.loss_fn, self.frozen, self.cfg = model, loss_fn, frozen, cfg
         self.device, self.amp, self.memory_format = device, amp, memory_format(cfg.channels_last)
-        self.net = wrap_ddp(_TrainingForward(model, frozen), ctx)
+        self.net = wrap_ddp(_TrainingForward(model, frozen, on_features), ctx)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     @property
@@ -264,6 +267,21 @@ def train_step(training: Supervised, optimizer: torch.optim.Optimizer, x: torch.
 
 
 @torch.no_grad()
+@torch.no_grad()
+def frozen_features(backbone: nn.Module, slices: SliceSet, device, amp: bool, channels_last: bool,
+                    batch: int = 32) -> SliceSet:
+    """The frozen backbone's features (eval mode) of every slice, once: (N, D, H, W) on
+    ``device`` in the autocast dtype (bf16 where native, else float32), with the same masks."""
+    backbone.eval()
+    fmt = memory_format(channels_last)
+    parts = []
+    for i in range(0, len(slices), batch):
+        x = slices.images[i : i + batch].to(device).contiguous(memory_format=fmt)
+        with autocast(device, amp):
+            parts.append(backbone(x))
+    return SliceSet(torch.cat(parts), slices.masks, slices.patient_ids)
+
+
 def _mean_loss(model, slices, loss_fn, device, amp: bool) -> float:
     model.eval()
     losses = []
@@ -331,13 +349,18 @@ def train_segmentation(
     loss_fn = segmentation_loss(d.loss)
     gen = torch.Generator(device=device).manual_seed(d.seed + ctx.rank)
     pick_gen = torch.Generator().manual_seed(d.seed + ctx.rank)
+    cached = d.mode in FROZEN_MODES and d.probe_features == "cached"
     if mean_teacher:
         pool = stack_slices(unlabeled_patients, labeled=False, include_unlabeled=True)
         training = MeanTeacher(model, loss_fn, pool, cfg, device, amp, pick_gen, gen)
     else:
-        training = Supervised(model, loss_fn, d.mode in FROZEN_MODES, cfg, device, amp, ctx)
+        training = Supervised(model, loss_fn, d.mode in FROZEN_MODES, cfg, device, amp, ctx, on_features=cached)
+    if cached:
+        train = frozen_features(model.backbone, train, device, amp, cfg.channels_last)
     if not ctx.is_main:
         out_dir, log = None, _silent
+    if cached:
+        log(f"probe on cached features {tuple(train.images.shape)}, computed once without augmentation")
     metrics = MetricsLog(out_dir / "metrics.csv", training.columns) if out_dir else None
     ran = dataclasses.replace(cfg, bf16=amp)  # the configuration as it ran: bf16 only where native
 
@@ -361,7 +384,7 @@ def train_segmentation(
             group["lr"] = base * lr_factor(d.lr_schedule, step, d.steps)
         idx = torch.randint(len(train), (d.batch_size,), generator=pick_gen)
         x, y = train.images[idx].to(device), train.masks[idx, None].to(device)
-        if d.augment:
+        if d.augment and not cached:
             x = augment_intensity(x, cfg.intensity, gen)
         try:
             terms = train_step(training, optimizer, x, y, step, d.grad_clip, ctx)
