@@ -84,7 +84,7 @@ class DownstreamConfig:
     lr_backbone: float = 5e-5
     lr_head: float = 1e-2
     lr_scratch: float = 3e-3  # tuned: scripts/tune_baseline_lr.py (README)
-    # "constant" (the committed studies) or "cosine": every rate times (1 + cos(pi t / steps)) / 2
+    # "constant" (the committed studies) or "cosine": every rate times (1 + cos(pi (step - 1) / steps)) / 2
     lr_schedule: str = "constant"
     augment: bool = True  # intensity augmentation of the images (no spatial, as the reference)
     # Probes ("probe", "random-probe"): "live" runs the frozen backbone on every (augmented)

@@ -267,7 +267,6 @@ def train_step(training: Supervised, optimizer: torch.optim.Optimizer, x: torch.
 
 
 @torch.no_grad()
-@torch.no_grad()
 def frozen_features(backbone: nn.Module, slices: SliceSet, device, amp: bool, channels_last: bool,
                     batch: int = 32) -> SliceSet:
     """The frozen backbone's features (eval mode) of every slice, once: (N, D, H, W) on
@@ -282,6 +281,7 @@ def frozen_features(backbone: nn.Module, slices: SliceSet, device, amp: bool, ch
     return SliceSet(torch.cat(parts), slices.masks, slices.patient_ids)
 
 
+@torch.no_grad()
 def _mean_loss(model, slices, loss_fn, device, amp: bool) -> float:
     model.eval()
     losses = []
