@@ -31,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pix2rep.atomic import atomic_write_bytes, save_figure
 from pix2rep.checkpoints import load_pretrained_backbone_weights
 from pix2rep.config import apply_overrides, parse_assignment
 from pix2rep.data.dataset import load_patients
 from pix2rep.data.sampling import resolve_split, sample_few_shot_patients
 from pix2rep.evaluation.evaluate import evaluate_patients
+from pix2rep.evaluation.report import write_csv
 from pix2rep.runtime import resolve_device
 from pix2rep.training.downstream import train_segmentation
 
@@ -57,16 +59,7 @@ def validation_split(pool: list, seed: int = 1234) -> tuple[list, list]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return list(csv.DictReader(open(path))) if path.exists() else []
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    return list(csv.DictReader(path.read_text().splitlines())) if path.exists() else []
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -94,7 +87,7 @@ def write_summary(out: Path, rows: list[dict], command: str) -> None:
         seeds = len({r["seed"] for r in rows if r["method"] == method and int(r["N"]) == n})
         lines.append(f"| {method} | {n} | {'; '.join(cells)} | {chosen if chosen else 'none of those tried'} "
                      f"({seeds} seed{'s' if seeds != 1 else ''}) |")
-    (out / "schedule_summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "schedule_summary.md", ("\n".join(lines) + "\n").encode())
 
 
 def plot(out: Path, rows: list[dict]) -> None:
@@ -112,8 +105,7 @@ def plot(out: Path, rows: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "schedule_curves.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "schedule_curves.png", dpi=120)
 
 
 def main() -> None:
@@ -166,7 +158,7 @@ def main() -> None:
                                  "val_dice": f"{np.mean(list(per_class.values())):.5f}",
                                  **{f"val_{c}": f"{v:.5f}" for c, v in per_class.items()},
                                  "seconds": f"{time.time() - t0:.1f}"})
-                    write_rows(out / "schedule_curves.csv", rows)
+                    write_csv(out / "schedule_curves.csv", [{k: r[k] for k in COLUMNS} for r in rows])
                     print(f"{name} N={n} seed={seed} steps={steps}: validation Dice {rows[-1]['val_dice']} "
                           f"({rows[-1]['seconds']} s)", flush=True)
                     write_summary(out, rows, command)

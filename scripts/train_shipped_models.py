@@ -55,6 +55,9 @@ def export(checkpoint: Path, kind: str, name: str) -> dict:
             slim[key] = {k: v.detach().float().contiguous() if v.is_floating_point() else v for k, v in slim[key].items()}
     path = WEIGHTS_DIR / f"{name}.pt"
     WEIGHTS_DIR.mkdir(exist_ok=True)
+    # torch.save names the archive inside the file after the file, so checkpoints.save_checkpoint
+    # (a temporary name, then rename) would give other bytes; saving under the final name keeps
+    # the SHA-256 reproducible from the same weights
     torch.save(slim, path)
     return {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
@@ -108,10 +111,8 @@ def _f(x, digits=3) -> str:
 
 def write_model_card(entries, files, ev: Path, pre: Path, seg: Path, evaluate_cmd: str, args) -> None:
     summary = json.loads((ev / "summary.json").read_text())
-    rows = list(csv.DictReader(open(ev / "per_case.csv")))
-    pre_rows = list(csv.DictReader(open(pre / "metrics.csv")))
-    seg_rows = list(csv.DictReader(open(seg / "metrics.csv")))
-    seg_cfg = (seg / "config.yaml").read_text()
+    rows, pre_rows, seg_rows = (list(csv.DictReader(f.read_text().splitlines()))
+                                for f in (ev / "per_case.csv", pre / "metrics.csv", seg / "metrics.csv"))
     best = min(pre_rows, key=lambda r: float(r["val_loss"]))
     seg_summary = torch.load(seg / "model.pt", map_location="cpu", weights_only=True)["summary"]
     b, s = entries
