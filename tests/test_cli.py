@@ -143,6 +143,26 @@ def test_a_study_gives_each_n_the_steps_of_steps_by_n(synthetic_root, tmp_path):
 # -- interrupts ------------------------------------------------------------------------------------------
 
 
+def test_an_interrupt_inside_an_extensions_import_still_stops_cleanly(monkeypatch, tmp_path, capsys):
+    # SIGTERM landing in a pybind11 module's init (matplotlib's _backend_agg) surfaces as
+    # "ImportError: initialization failed" caused by the KeyboardInterrupt: a stop, exit 130
+    import pix2rep.cli as cli
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setitem(cli.COMMANDS, "pretrain", interrupted_import)
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and err.strip().splitlines()[-1].startswith("to continue: pix2rep pretrain")
+    monkeypatch.setitem(cli.COMMANDS, "pretrain", lambda args: (_ for _ in ()).throw(ImportError("no such module")))
+    with pytest.raises(ImportError, match="no such module"):  # any other error is not mistaken for a stop
+        main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+
+
 def test_resume_command_replaces_overwrite_with_resume():
     assert resume_command(["pretrain", "--data", "a b", "--overwrite"]) == "pix2rep pretrain --data 'a b' --resume"
     assert resume_command(["benchmark", "--resume"]) == "pix2rep benchmark --resume"

@@ -206,7 +206,14 @@ def main(argv=None) -> int:
     # started in the background of a non-interactive shell inherits SIGINT ignored.
     previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _interrupt), (signal.SIGINT, signal.default_int_handler))}
     try:
-        return COMMANDS[args.command](args) or 0
+        try:
+            return COMMANDS[args.command](args) or 0
+        except Exception as exc:
+            # An interrupt that lands inside a C extension's import (matplotlib's, say) comes
+            # back as that import's error, with the KeyboardInterrupt as its cause: still a stop.
+            if _caused_by_interrupt(exc):
+                raise KeyboardInterrupt from exc
+            raise
     except Pix2RepError as exc:
         print(f"pix2rep: error: {exc}", file=sys.stderr)
         return 2
@@ -222,6 +229,17 @@ def main(argv=None) -> int:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the causes or contexts of ``exc``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def resume_command(argv: list[str]) -> str:
