@@ -7,13 +7,17 @@ study's sampler, trains MODE on them with the given settings, and scores 3D Dice
 (issue 18); the evaluation patients of the demo stay untouched.
 
   python scripts/demo_pool_validation.py PRETRAIN_DIR MODE [KEY=VALUE ...] [--n 1] [--seeds 0,1,2]
-      [--pretrain-epochs E]
+      [--pretrain-epochs E] [--base KEY=VALUE ...] [--csv FILE]
+
+``--base`` settings apply to everything, pretraining included (e.g. preprocess.size=96); the
+positional ones to the downstream run only. ``--csv`` appends one row per seed.
 
 MODE is scratch, finetune, probe or random-probe; KEY=VALUE as `--set` (downstream.lr_backbone=1e-3,
 intensity.invert_p=0, downstream.augment=false, ...).
 """
 
 import argparse
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +39,12 @@ parser.add_argument("settings", nargs="*", metavar="KEY=VALUE")
 parser.add_argument("--n", type=int, default=1)
 parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--pretrain-epochs", type=int, default=None, help="instead of the demo plan's (when it pretrains)")
+parser.add_argument("--base", nargs="*", default=[], metavar="KEY=VALUE", help="settings for pretraining and downstream")
+parser.add_argument("--csv", default=None, help="append one row per seed to this CSV file")
 args = parser.parse_args()
 
 quiet = lambda *_: None  # noqa: E731
-cfg = study_plan_config(preset_config("tiny"), "demo")
+cfg = apply_overrides(study_plan_config(preset_config("tiny"), "demo"), dict(parse_assignment(s) for s in args.base))
 pool = load_patients(write_demo_datasets()[0], cfg, log=quiet)
 pre = Path(args.pretrain_dir)
 if not (pre / "best.pt").exists():
@@ -58,6 +64,14 @@ for seed in (int(s) for s in args.seeds.split(",")):
     rows, _, _ = evaluate_patients(model, held_out, device, run.bf16)
     dice = np.array([[r[f"dice_{c}"] for c in ("RV", "MYO", "LV")] for r in rows]).mean(0)
     scores.append(dice)
+    if args.csv:
+        new = not Path(args.csv).exists()
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["mode", "n", "seed", "base", "settings", "dice_RV", "dice_MYO", "dice_LV", "dice_mean"])
+            writer.writerow([args.mode, args.n, seed, " ".join(args.base), " ".join(args.settings),
+                             *(f"{v:.4f}" for v in dice), f"{dice.mean():.4f}"])
     print(f"  seed {seed} ({', '.join(p.id for p in chosen)}): RV {dice[0]:.3f} MYO {dice[1]:.3f} LV {dice[2]:.3f}", flush=True)
 mean = np.mean(scores, axis=0)
 print(f"{args.mode} N={args.n} {settings or 'demo settings'}: mean Dice {mean.mean():.3f} "

@@ -125,19 +125,22 @@ def test_a_study_config_yaml_reruns_the_study(synthetic_root, tmp_path):
     assert a == b  # the same study, bit for bit
 
 
-def test_a_study_gives_each_n_the_steps_of_steps_by_n(synthetic_root, tmp_path):
+def test_a_study_gives_each_n_the_steps_of_steps_by_n_and_the_seeds_of_seeds_by_n(synthetic_root, tmp_path):
     from pix2rep.data.synthetic import write_synthetic_dataset
 
     held_out = write_synthetic_dataset(tmp_path / "eval", n_patients=2, seed=5)
     out = tmp_path / "study"
     assert main(["benchmark", "--data", str(synthetic_root), "--eval-data", str(held_out), "--preset", "tiny",
-                 "--methods", "baseline", "--n", "1,2", "--seeds", "0", "--no-full-pool", "--steps", "99",
-                 "--set", "study.steps_by_n=[[1, 2], [2, 3]]", "--set", "downstream.lr_schedule=cosine",
-                 "--out", str(out), "--no-progress"]) == 0
-    steps = {name: json.loads((out / "cells" / f"{name}.json").read_text())["steps"] for name in ("baseline-N1-s0", "baseline-N2-s0")}
-    assert steps == {"baseline-N1-s0": 2, "baseline-N2-s0": 3}
-    assert "optimiser steps by N (2 from N = 1, 3 from N = 2) of batch 16 for every method, learning rates cosine" in (
-        out / "REPORT.md").read_text()
+                 "--methods", "baseline", "--n", "1,2", "--seeds", "0,1", "--no-full-pool", "--steps", "99",
+                 "--set", "study.steps_by_n=[[1, 2], [2, 3]]", "--set", "study.seeds_by_n=[[1, 2], [2, 1]]",
+                 "--set", "downstream.lr_schedule=cosine", "--out", str(out), "--no-progress"]) == 0
+    cells = sorted(path.stem for path in (out / "cells").glob("*.json"))
+    assert cells == ["baseline-N1-s0", "baseline-N1-s1", "baseline-N2-s0"]  # N = 2 takes the first seed only
+    steps = {name: json.loads((out / "cells" / f"{name}.json").read_text())["steps"] for name in cells}
+    assert steps == {"baseline-N1-s0": 2, "baseline-N1-s1": 2, "baseline-N2-s0": 3}
+    report = (out / "REPORT.md").read_text()
+    assert "optimiser steps by N (2 from N = 1, 3 from N = 2) of batch 16 for every method, learning rates cosine" in report
+    assert "Seeds (draws of annotated patients) per N: N=1: 2, N=2: 1." in report
 
 
 # -- interrupts ------------------------------------------------------------------------------------------

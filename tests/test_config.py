@@ -39,3 +39,33 @@ def test_steps_by_n_round_trips_and_is_checked(tmp_path):
         preset_config("cpu", study={"steps_by_n": [[2, 1000]]})
     with pytest.raises(ConfigError, match=r"study.steps_by_n\[0\] must have 2 entries"):
         preset_config("cpu", study={"steps_by_n": [[1, 1000, 3]]})
+
+
+@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("5E-5", 5e-5), ("-2.5e+1", -25.0), ("3", 3.0), (".5", 0.5)])
+def test_a_rate_written_without_a_dot_is_a_number(text, expected):
+    # PyYAML (YAML 1.1) reads "1e-3" as a string; a float setting takes it as the number it is
+    from pix2rep.config import apply_overrides, parse_assignment
+
+    key, value = parse_assignment(f"downstream.lr_backbone={text}")
+    assert apply_overrides(preset_config("cpu"), {key: value}).downstream.lr_backbone == expected
+    with pytest.raises(ConfigError, match="downstream.lr_backbone must be a number, got '1e-3x'"):
+        apply_overrides(preset_config("cpu"), {"downstream.lr_backbone": "1e-3x"})
+    with pytest.raises(ConfigError, match="downstream.steps must be an integer, got '1e3'"):
+        apply_overrides(preset_config("cpu"), {"downstream.steps": "1e3"})
+
+
+@pytest.mark.parametrize("n, expected", [(1, (0, 1, 2, 3)), (4, (0, 1, 2, 3)), (5, (0, 1)), (80, (0,))])
+def test_draws_shrink_with_n_by_the_largest_listed_n_not_above_it(n, expected):
+    cfg = preset_config("cpu", study={"seeds": [0, 1, 2, 3], "seeds_by_n": [[80, 1], [1, 4], [5, 2]]})
+    assert cfg.study.seeds_for(n) == expected
+    assert preset_config("cpu").study.seeds_for(n) == (0, 1, 2)  # empty: every seed for every N
+
+
+def test_seeds_by_n_round_trips_and_is_checked(tmp_path):
+    cfg = preset_config("cpu", study={"seeds": [0, 1, 2], "seeds_by_n": [[1, 3], [5, 1]]})
+    cfg.save(tmp_path / "config.yaml")
+    assert RunConfig.load(tmp_path / "config.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"need N >= 1 and 1 <= k <= 3 \(the seeds listed\), got \[\[1, 4\]\]"):
+        preset_config("cpu", study={"seeds_by_n": [[1, 4]]})
+    with pytest.raises(ConfigError, match="seeds_by_n starts at N = 2, above the smallest N 1"):
+        preset_config("cpu", study={"seeds_by_n": [[2, 1]]})

@@ -177,7 +177,7 @@ def run_study(cfg: RunConfig, data: str | Path, out: str | Path, *, model: Optio
     cfg.save(out / "config.yaml")
     cells_dir = out / "cells"
     cells_dir.mkdir(exist_ok=True)
-    grid = [(m, n, s) for n in plan.n for s in plan.seeds for m in plan.methods if n <= len(pool)]
+    grid = [(m, n, s) for n in plan.n for s in plan.seeds_for(n) for m in plan.methods if n <= len(pool)]
     if plan.full_pool and len(pool) not in plan.n:
         grid += [(m, len(pool), plan.seeds[0]) for m in plan.methods]
     # Methods run grouped by the pretraining they start from, each pretraining just before its

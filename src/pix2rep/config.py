@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,10 @@ class StudyPlan:
     # Steps that grow with N: pairs (N, steps); a cell of N takes the steps of the largest listed
     # N not above it. Empty: downstream.steps for every cell (the equal-budget studies).
     steps_by_n: tuple[tuple[int, int], ...] = ()
+    # Draws that shrink with N: pairs (N, k); a cell of N uses the first k of ``seeds``, k from the
+    # largest listed N not above it (one-shot figures need many draws, the full pool one).
+    # Empty: every seed for every N.
+    seeds_by_n: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         self.methods, self.n, self.seeds = tuple(self.methods), tuple(self.n), tuple(self.seeds)
@@ -150,6 +155,17 @@ class StudyPlan:
             raise ValueError(f"steps_by_n pairs (N, steps) must be positive, got {[list(p) for p in self.steps_by_n]}")
         if self.steps_by_n and min(self.n) < self.steps_by_n[0][0]:
             raise ValueError(f"steps_by_n starts at N = {self.steps_by_n[0][0]}, above the smallest N {min(self.n)}")
+        self.seeds_by_n = tuple(sorted(tuple(int(v) for v in pair) for pair in self.seeds_by_n))
+        if any(n < 1 or not 1 <= k <= len(self.seeds) for n, k in self.seeds_by_n):
+            raise ValueError(f"seeds_by_n pairs (N, number of seeds) need N >= 1 and 1 <= k <= {len(self.seeds)} "
+                             f"(the seeds listed), got {[list(p) for p in self.seeds_by_n]}")
+        if self.seeds_by_n and min(self.n) < self.seeds_by_n[0][0]:
+            raise ValueError(f"seeds_by_n starts at N = {self.seeds_by_n[0][0]}, above the smallest N {min(self.n)}")
+
+    def seeds_for(self, n: int) -> tuple[int, ...]:
+        """The seeds (draws of annotated patients) of the cells with ``n`` annotated patients."""
+        listed = [k for m, k in self.seeds_by_n if m <= n]
+        return self.seeds[: listed[-1]] if listed else self.seeds
 
     def steps_for(self, n: int, default: int) -> int:
         """The downstream steps of a cell with ``n`` annotated patients."""
@@ -330,6 +346,9 @@ def _build(cls, d: dict, source: str, prefix: str):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'settings'}: {exc}") from None
 
 
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _check_type(value, hint, source: str, key: str):
     """``value`` converted to the annotated type ``hint``, or a ConfigError naming the key."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -347,6 +366,8 @@ def _check_type(value, hint, source: str, key: str):
                 raise ConfigError(f"{source}: {key} must have {len(args)} entries, got {list(value)}")
             return tuple(_check_type(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         return list(value)
+    if hint is float and isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)  # YAML 1.1 (PyYAML) reads "1e-3", without a dot, as a string
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}
     if hint in ok:
