@@ -122,6 +122,11 @@ class DownstreamConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 
+def _sorted_pairs(pairs) -> tuple[tuple[int, ...], ...]:
+    """Pairs (N, value) as int tuples, sorted by N."""
+    return tuple(sorted(tuple(int(v) for v in pair) for pair in pairs))
+
+
 @dataclass
 class StudyPlan:
     """The grid of the label-efficiency study (``pix2rep benchmark``): methods x N x seeds.
@@ -150,27 +155,34 @@ class StudyPlan:
             raise ValueError("a study needs at least one method, one N and one seed")
         if min(self.n) < 1:
             raise ValueError(f"every N must be at least 1, got {list(self.n)}")
-        self.steps_by_n = tuple(sorted(tuple(int(v) for v in pair) for pair in self.steps_by_n))
+        self.steps_by_n = _sorted_pairs(self.steps_by_n)
         if any(n < 1 or steps < 1 for n, steps in self.steps_by_n):
             raise ValueError(f"steps_by_n pairs (N, steps) must be positive, got {[list(p) for p in self.steps_by_n]}")
-        if self.steps_by_n and min(self.n) < self.steps_by_n[0][0]:
-            raise ValueError(f"steps_by_n starts at N = {self.steps_by_n[0][0]}, above the smallest N {min(self.n)}")
-        self.seeds_by_n = tuple(sorted(tuple(int(v) for v in pair) for pair in self.seeds_by_n))
+        self._check_first_n("steps_by_n", self.steps_by_n)
+        self.seeds_by_n = _sorted_pairs(self.seeds_by_n)
         if any(n < 1 or not 1 <= k <= len(self.seeds) for n, k in self.seeds_by_n):
             raise ValueError(f"seeds_by_n pairs (N, number of seeds) need N >= 1 and 1 <= k <= {len(self.seeds)} "
                              f"(the seeds listed), got {[list(p) for p in self.seeds_by_n]}")
-        if self.seeds_by_n and min(self.n) < self.seeds_by_n[0][0]:
-            raise ValueError(f"seeds_by_n starts at N = {self.seeds_by_n[0][0]}, above the smallest N {min(self.n)}")
+        self._check_first_n("seeds_by_n", self.seeds_by_n)
+
+    def _check_first_n(self, name: str, pairs) -> None:
+        """Every N of the study must find a listed N not above it."""
+        if pairs and min(self.n) < pairs[0][0]:
+            raise ValueError(f"{name} starts at N = {pairs[0][0]}, above the smallest N {min(self.n)}")
+
+    @staticmethod
+    def _listed_for(pairs, n: int, default):
+        """The value of the largest listed N not above ``n`` (``default`` where none is)."""
+        listed = [value for k, value in pairs if k <= n]
+        return listed[-1] if listed else default
 
     def seeds_for(self, n: int) -> tuple[int, ...]:
         """The seeds (draws of annotated patients) of the cells with ``n`` annotated patients."""
-        listed = [k for m, k in self.seeds_by_n if m <= n]
-        return self.seeds[: listed[-1]] if listed else self.seeds
+        return self.seeds[: self._listed_for(self.seeds_by_n, n, len(self.seeds))]
 
     def steps_for(self, n: int, default: int) -> int:
         """The downstream steps of a cell with ``n`` annotated patients."""
-        listed = [steps for k, steps in self.steps_by_n if k <= n]
-        return listed[-1] if listed else default
+        return self._listed_for(self.steps_by_n, n, default)
 
 
 @dataclass

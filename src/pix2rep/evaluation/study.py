@@ -251,7 +251,10 @@ def write_report(out: Path, cells: list[dict], meta: dict, synthetic: bool = Fal
               f"preset `{meta.get('preset')}`.", "",
               "Dice: 3D, per volume at native resolution, mean over the 3 classes (RV, MYO, LV), then over "
               "evaluation volumes (patients x ED/ES); mean ± sample std (ddof = 1) across seeds.", ""]
-    draws = {n: max(k for (_, m_n), k in planned.items() if m_n == n) for n in ns if any(m_n == n for _, m_n in planned)}
+    draws: dict[int, int] = {}  # N -> the most seeds any method was planned with
+    for (_, n), k in planned.items():
+        draws[n] = max(k, draws.get(n, 0))
+    draws = {n: draws[n] for n in ns if n in draws}
     if draws:
         lines += ["Seeds (draws of annotated patients) per N: " + ", ".join(f"N={n}: {k}" for n, k in draws.items()) + ".", ""]
     lines += ["## Mean Dice versus number of annotated patients", "",
