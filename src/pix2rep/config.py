@@ -249,9 +249,16 @@ STUDY_PLANS: dict[str, dict] = {
     # Smoke run: checks that the pipeline runs end to end; its numbers mean nothing.
     "quick": {"study": {"n": (1, 5), "seeds": (0,), "full_pool": False}, "downstream": {"steps": 100},
               "pretrain": {"max_minutes": 5.0}},
-    # `pix2rep demo` on its synthetic data, with the `tiny` preset.
-    "demo": {"study": {"n": (1, 2, 5), "seeds": (0, 1), "full_pool": False}, "downstream": {"steps": 150},
-             "pretrain": {"epochs": 10}},
+    # `pix2rep demo` on its synthetic data, with the `tiny` preset. Its rates were chosen on demo POOL
+    # patients only (scripts/demo_pool_validation.py, docs/demo_diagnosis): with 150 steps, METHOD's
+    # backbone rate 5e-5 (meant for 200 epochs) leaves the backbone where pretraining put it and the
+    # LV is never learned; 3e-3 was the best fine-tuning rate there, 1e-3 the best baseline rate.
+    # Four one-shot draws, two at N = 2 and 5; probes on cached features (METHOD's protocol less the
+    # augmentation, many times faster per step).
+    "demo": {"study": {"methods": ("baseline", "pix2rep-lp", "pix2rep-ft"), "n": (1, 2, 5), "seeds": (0, 1, 2, 3),
+                       "seeds_by_n": ((1, 4), (2, 2)), "full_pool": False},
+             "downstream": {"steps": 150, "lr_backbone": 3e-3, "lr_scratch": 1e-3, "probe_features": "cached"},
+             "preprocess": {"size": 96}, "pretrain": {"epochs": 10}},
 }
 
 
