@@ -81,6 +81,7 @@ def test_gathered_negatives_change_the_loss(ddp_results):
     assert gathered > local + 0.1  # twice the negatives: a harder task
 
 
+@pytest.mark.slow
 def test_torchrun_pretrain_then_finetune_write_one_run_folder_each(synthetic_root, tmp_path):
     """The commands themselves under torchrun: rank 0 alone writes, the folders are complete."""
     src = str(Path(__file__).resolve().parents[1] / "src")

@@ -75,6 +75,7 @@ def test_invariance_ablation_pairs_the_same_pixel_in_both_views():
     assert (zu - zv).abs().max() > 1e-3  # a real transform: features read at T(p), not p
 
 
+@pytest.mark.slow
 def test_benchmark_runs_the_extra_methods_by_name(synthetic_root, tmp_path):
     from pix2rep.data.synthetic import write_synthetic_dataset
 

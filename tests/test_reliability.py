@@ -107,6 +107,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_pretraining_killed_with_sigkill_resumes_from_the_last_checkpoint(synthetic_root, tmp_path):
     out = tmp_path / "run"
     args = ["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--epochs", "3", "--out", str(out), "--no-progress"]
@@ -146,6 +147,7 @@ def test_resume_removes_temporary_files_of_dead_processes_only(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_benchmark_killed_with_sigkill_never_recomputes_a_finished_cell(synthetic_root, tmp_path):
     from pix2rep.data.synthetic import write_synthetic_dataset
 
@@ -182,6 +184,7 @@ def test_benchmark_killed_with_sigkill_never_recomputes_a_finished_cell(syntheti
 TIMING_COLUMNS = {"samples_per_s", "seconds"}
 
 
+@pytest.mark.slow
 def test_the_same_command_twice_gives_bit_identical_metrics(synthetic_root, tmp_path):
     for run in ("a", "b"):
         assert main(["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--epochs", "1",
@@ -349,6 +352,7 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "CODE", cod
 """
 
 
+@pytest.mark.slow
 def test_predict_over_200_volumes_keeps_memory_bounded(tmp_path):
     from pix2rep.config import preset_config
     from pix2rep.models import SegmentationModel, UNet

@@ -154,3 +154,66 @@ def test_bench_times_the_functions_the_training_loops_run(monkeypatch):
     assert calls[1:] == ["pretrain_step", "make_views"]  # the step's own augmentation inside
     speed._downstream_slices_per_s(cfg, torch.device("cpu"), amp=False, repeats=1)
     assert calls[3:] == ["train_step"] * 3  # two warm-up steps and one timed
+
+
+# Step seconds by (first width, D), as a machine without native bf16 might measure them: 20 epochs
+# of 800 slices (batch 8: 2000 steps) take 1.05 x 2000 x s / 60 minutes, so 2.0 s is 70 minutes,
+# 0.6 s 21 and 0.4 s 14.
+_FP32_STEP = {(16, 64): 2.0, (16, 32): 1.2, (8, 32): 0.6, (8, 16): 0.45, (4, 16): 0.4}
+
+
+@pytest.mark.parametrize("step_by_size, budget, expected", [
+    ({(16, 64): 0.6}, 28.0, (16, 64)),  # fast machine: 21 min for the preset's own model, kept
+    (_FP32_STEP, 28.0, (8, 32)),  # 70 and 42 minutes for the larger two; 21 for widths 8.., D = 32
+    (_FP32_STEP, 10.0, (4, 16)),  # nothing fits: the smallest
+])
+def test_fit_model_size_keeps_the_largest_model_whose_epochs_fit_the_budget(step_by_size, budget, expected):
+    from pix2rep.config import apply_overrides, preset_config
+    from pix2rep.speed import fit_model_size
+
+    cfg = apply_overrides(preset_config("cpu"), {"pretrain.max_minutes": budget})
+    timed = []
+
+    def step_seconds(candidate):
+        size = (candidate.model.widths[0], candidate.model.out_channels)
+        timed.append(size)
+        return step_by_size[size]
+
+    lines = []
+    fitted = fit_model_size(cfg, 800, lines.append, step_seconds=step_seconds)
+    sizes = list(cfg.pretrain.fit_sizes)
+    assert timed == sizes[: sizes.index(expected) + 1]  # stops at the first that fits
+    first, d = expected
+    assert fitted.model.widths == tuple(first * 2**k for k in range(5)) and fitted.model.out_channels == d
+    assert fitted.pretrain.fit_sizes == () and cfg.pretrain.fit_sizes == tuple(sizes)
+    assert f"D = {d}" in lines[0] and ("none fits" in lines[0]) == (expected == (4, 16))
+
+
+@pytest.mark.parametrize("sizes, message", [([[16, 64, 3]], r"fit_sizes\[0\] must have 2 entries"),
+                                           ([[16, 0]], "pairs of positive integers")])
+def test_fit_sizes_must_be_pairs_of_positive_integers(sizes, message):
+    from pix2rep.config import apply_overrides, preset_config
+    from pix2rep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(preset_config("cpu"), {"pretrain.fit_sizes": sizes})
+
+
+def test_a_fitted_run_records_its_model_and_a_resume_keeps_it(synthetic_root, tmp_path, monkeypatch, capsys):
+    import pix2rep.speed as speed
+    from pix2rep.config import RunConfig
+
+    # widths from 8 cost 1 s a step, from 4 0.01 s: 1 epoch of about 23 steps fits 0.1 minutes only
+    # with the smaller model.
+    monkeypatch.setattr(speed, "pretraining_step_seconds", lambda c, repeats=3: {8: 1.0, 4: 0.01}[c.model.widths[0]])
+    out = tmp_path / "pre"
+    args = ["pretrain", "--data", str(synthetic_root), "--preset", "tiny", "--epochs", "1", "--out", str(out),
+            "--no-progress", "--set", "pretrain.fit_sizes=[[8,16],[4,8]]", "--set", "pretrain.max_minutes=0.1"]
+    assert main(args) == 0
+    assert "model size: widths 4-8-16, D = 8" in capsys.readouterr().out
+    saved = RunConfig.load(out / "config.yaml")
+    assert saved.model.widths == (4, 8, 16) and saved.model.out_channels == 8 and saved.pretrain.fit_sizes == ()
+    # a resume does not measure again, even where the machine now measures otherwise
+    monkeypatch.setattr(speed, "pretraining_step_seconds", lambda c, repeats=3: 0.0)
+    assert main(args + ["--resume"]) == 0
+    assert "D = 8, as chosen when this run started" in capsys.readouterr().out

@@ -33,6 +33,7 @@ from .evaluation.study import load_cells, write_report
 from .provenance import log_invocation, machine_meta
 from .runs import check_run_dir, prepare_run_dir
 from .runtime import resolve_device
+from .speed import fit_model_size_for_run
 from .training.downstream import train_segmentation
 from .training.pretrain import pretrain
 
@@ -155,6 +156,7 @@ def run_study(cfg: RunConfig, data: str | Path, out: str | Path, *, model: Optio
     weights = load_pretrained_backbone_weights(model) if model else None
     if weights is not None:
         cfg.model, cfg.preprocess = weights.config.model, weights.config.preprocess
+        cfg.pretrain.fit_sizes = ()  # the model is the given one's
         backbones["pix2rep"] = (weights.state, weights.prefixes)
         cfg.pretrained = str(weights.path.resolve())
     t_start = time.time()
@@ -171,6 +173,8 @@ def run_study(cfg: RunConfig, data: str | Path, out: str | Path, *, model: Optio
     if weights is not None:
         check_no_evaluation_leak(weights, evaluation, Path(eval_root))
     stage_seconds["data preparation (this invocation)"] = time.time() - t_start
+    if weights is None:  # the baseline trains the model that pretraining will: fit it first
+        cfg = fit_model_size_for_run(cfg, pool, out, resume or report_only, log)
     out = prepare_run_dir(out, resume or report_only, overwrite)
     log_invocation(out)
     cfg.data = str(Path(data).resolve())

@@ -52,6 +52,12 @@ class PretrainConfig:
     val_fraction: float = 0.1  # of PATIENTS, for the validation loss
     seed: int = 0
     max_minutes: Optional[float] = None  # stop after the epoch that crosses this wall time
+    # Candidate model sizes, largest first, as pairs (first width, D): the widths double per level
+    # from the first, keeping the number of levels. A fresh run measures a pretraining step of each
+    # and keeps the first whose `epochs` fit in `max_minutes` (the last if none does); config.yaml
+    # then records that model (model.widths, model.out_channels) and an empty list here, so that a
+    # rerun from the folder trains the same model. Empty: the model as configured.
+    fit_sizes: tuple[tuple[int, int], ...] = ()
     grad_clip: Optional[float] = None  # clip the global gradient norm to this value (off by default)
     # torchrun only: InfoNCE negatives from every process; SyncBatchNorm (nccl/CUDA only)
     gather_negatives: bool = True
@@ -61,6 +67,11 @@ class PretrainConfig:
         if self.loss not in ("infonce", "barlow", "simclr"):
             raise ValueError(f"pretrain loss must be 'infonce', 'barlow' or 'simclr', got {self.loss!r}")
         _check_grad_clip(self.grad_clip)
+        self.fit_sizes = tuple(tuple(pair) for pair in self.fit_sizes)
+        if any(len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
+               for pair in self.fit_sizes):
+            raise ValueError(f"fit_sizes must be pairs of positive integers (first width, D), got "
+                             f"{[list(pair) for pair in self.fit_sizes]}")
 
 
 @dataclass
@@ -237,7 +248,12 @@ PRESETS: dict[str, dict] = {
     "paper": {"model": {"widths": (64, 128, 256, 512, 1024, 2048), "out_channels": 1024}, "pretrain": {"epochs": 200}},
     # Measured on the 2-core CPU (README, "Choosing the cpu preset"): widths 16..256, D = 64.
     # 300 downstream steps keep one protocol's whole study (64 cells) within 2 hours there.
-    "cpu": {"model": {"widths": (16, 32, 64, 128, 256), "out_channels": 64}, "pretrain": {"epochs": 20, "max_minutes": 28.0},
+    # Where this model cannot reach 20 epochs in 28 minutes (a CPU without native bf16 runs fp32,
+    # several times slower), pretraining measures a step and takes a smaller one (fit_sizes;
+    # README "Choosing the cpu preset" gives what each kind of CPU gets).
+    "cpu": {"model": {"widths": (16, 32, 64, 128, 256), "out_channels": 64},
+            "pretrain": {"epochs": 20, "max_minutes": 28.0,
+                         "fit_sizes": ((16, 64), (16, 32), (8, 32), (8, 16), (4, 16))},
             "downstream": {"steps": 300}},
     # A tiny network for tests and the synthetic demo.
     "tiny": {"model": {"widths": (8, 16, 32), "out_channels": 16}, "pretrain": {"epochs": 2}},
@@ -247,8 +263,9 @@ STUDY_PLANS: dict[str, dict] = {
     # The study as committed: the StudyPlan defaults and the preset's budgets.
     "full": {},
     # Smoke run: checks that the pipeline runs end to end; its numbers mean nothing.
+    # Its 5-minute cap cuts the epochs anyway: the preset's model, not one fitted to the cap.
     "quick": {"study": {"n": (1, 5), "seeds": (0,), "full_pool": False}, "downstream": {"steps": 100},
-              "pretrain": {"max_minutes": 5.0}},
+              "pretrain": {"max_minutes": 5.0, "fit_sizes": ()}},
     # `pix2rep demo` on its synthetic data, with the `tiny` preset. Its rates were chosen on demo POOL
     # patients only (scripts/demo_pool_validation.py, docs/demo_diagnosis): with 150 steps, METHOD's
     # backbone rate 5e-5 (meant for 200 epochs) leaves the backbone where pretraining put it and the

@@ -14,7 +14,9 @@ This is a benchmark, not a test: it measures, prints a table and writes JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -101,6 +103,67 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
         optimizer.step()
 
     return augment, backbone_only, full_step, optimiser_step
+
+
+def pretraining_step_seconds(cfg: RunConfig, repeats: int = 3) -> float:
+    """Median seconds of one whole pretraining step of ``cfg`` (batch ``pretrain.batch_size``) on its device."""
+    device = resolve_device(cfg.device)
+    keep_freed_memory()  # as pretraining runs (measured: 0.53 against 0.65 s for the `cpu` step)
+    full_step = _pretraining_parts(cfg, device, use_bf16(cfg.bf16, device))[2]
+    return _timed(full_step, device, repeats, warmup=2)
+
+
+def sized_model(cfg: RunConfig, first_width: int, d: int) -> RunConfig:
+    """``cfg`` with widths doubling from ``first_width`` (as many levels as before), D = ``d``, and
+    no ``fit_sizes`` left."""
+    widths = tuple(first_width * 2**level for level in range(len(cfg.model.widths)))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, widths=widths, out_channels=d),
+                               pretrain=dataclasses.replace(cfg.pretrain, fit_sizes=()))
+
+
+def fit_model_size(cfg: RunConfig, n_train_slices: int, log=print, step_seconds=None) -> RunConfig:
+    """``cfg`` with the first model of ``pretrain.fit_sizes`` whose ``epochs`` over
+    ``n_train_slices`` fit in ``pretrain.max_minutes`` at the measured step time (the last one if
+    none fits), and that list emptied, so the returned configuration trains that model when rerun.
+    Unchanged when there is no list or no time cap. ``step_seconds(cfg)`` times one step
+    (:func:`pretraining_step_seconds` by default)."""
+    p = cfg.pretrain
+    if not p.fit_sizes or p.max_minutes is None:
+        return cfg
+    step_seconds = step_seconds or pretraining_step_seconds
+    steps = p.epochs * math.ceil(n_train_slices / p.batch_size)
+    projected = {}
+    for first_width, d in p.fit_sizes:
+        candidate = sized_model(cfg, first_width, d)
+        # validation passes and the per-epoch checkpoint cost a little on top of the steps
+        projected[first_width, d] = 1.05 * steps * step_seconds(candidate) / 60
+        if projected[first_width, d] <= p.max_minutes:
+            break
+    fits = projected[candidate.model.widths[0], candidate.model.out_channels] <= p.max_minutes
+    measured = ", ".join(f"widths from {w}, D = {d}: about {m:.0f} min" for (w, d), m in projected.items())
+    verdict = (f"the largest candidate that fits the {p.max_minutes}-minute budget" if fits
+               else f"the smallest candidate; none fits the {p.max_minutes}-minute budget, which will cut the epochs")
+    log(f"model size: widths {'-'.join(map(str, candidate.model.widths))}, D = {candidate.model.out_channels}, {verdict} "
+        f"({p.epochs} epochs of {n_train_slices} slices, projected from a measured step: {measured})")
+    return candidate
+
+
+def fit_model_size_for_run(cfg: RunConfig, patients, out: Path, resume: bool, log=print) -> RunConfig:
+    """:func:`fit_model_size` for a run in ``out`` that pretrains on ``patients``: a resumed run
+    keeps the model its config.yaml recorded instead of measuring again."""
+    if not cfg.pretrain.fit_sizes:
+        return cfg
+    saved = Path(out) / "config.yaml"
+    if resume and saved.is_file():
+        model = RunConfig.load(saved).model
+        log(f"model size: widths {'-'.join(map(str, model.widths))}, D = {model.out_channels}, as chosen when this run "
+            f"started ({saved})")
+        return dataclasses.replace(cfg, model=model, pretrain=dataclasses.replace(cfg.pretrain, fit_sizes=()))
+    from .training.pretrain import split_validation_patients
+
+    train, _ = split_validation_patients(patients, cfg.pretrain.val_fraction, cfg.pretrain.seed)
+    n = sum(len(v.images) for p in train for v in (*p.volumes, *p.unlabeled))
+    return fit_model_size(cfg, n, log)
 
 
 def measure(cfg: RunConfig, repeats: int = 8, volume_path: Optional[Path] = None, log=print) -> dict:

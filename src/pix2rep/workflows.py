@@ -21,6 +21,7 @@ from .data.synthetic import write_demo_datasets
 from .evaluation.evaluate import evaluate_model
 from .inference import predict_from_files  # noqa: F401 (part of this module's API)
 from .runs import check_run_dir, prepare_run_dir
+from .speed import fit_model_size_for_run
 from .training.distributed import barrier, init_from_env, rank0_first
 from .training.downstream import train_segmentation
 from .training.pretrain import pretrain
@@ -44,9 +45,13 @@ def pretrain_from_files(cfg: RunConfig, data, out, *, split: str = "all", resume
     barrier(ctx)
     cfg.data = str(Path(data).resolve()) + ("" if split == "all" else f" [{split}]")
     # rank 0 fills the preprocessing cache first; the others then read it
-    patients = rank0_first(ctx, lambda: load_patients(data, cfg, cache, include_4d=True, log=log))
-    summary = pretrain(cfg, resolve_split(patients, split, "training", where=str(data)), out, resume=resume,
-                       progress=progress, ctx=ctx, log=log)
+    patients = resolve_split(rank0_first(ctx, lambda: load_patients(data, cfg, cache, include_4d=True, log=log)),
+                             split, "training", where=str(data))
+    if ctx.enabled and cfg.pretrain.fit_sizes:  # ranks would measure, and might choose, differently
+        log("torchrun: pretrain.fit_sizes is not measured; the model as configured")
+        cfg.pretrain.fit_sizes = ()
+    cfg = fit_model_size_for_run(cfg, patients, out, resume, log)
+    summary = pretrain(cfg, patients, out, resume=resume, progress=progress, ctx=ctx, log=log)
     log(f"done: best validation loss {summary['best_val_loss']:.4f}; run folder {out}")
     return summary
 
