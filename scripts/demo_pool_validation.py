@@ -7,7 +7,7 @@ study's sampler, trains MODE on them with the given settings, and scores 3D Dice
 (issue 18); the evaluation patients of the demo stay untouched.
 
   python scripts/demo_pool_validation.py PRETRAIN_DIR MODE [KEY=VALUE ...] [--n 1] [--seeds 0,1,2]
-      [--pretrain-epochs E] [--base KEY=VALUE ...] [--csv FILE]
+      [--pretrain-epochs E] [--base KEY=VALUE ...] [--csv FILE] [--pool-size P]
 
 ``--base`` settings apply to everything, pretraining included (e.g. preprocess.size=96); the
 positional ones to the downstream run only. ``--csv`` appends one row per seed.
@@ -26,7 +26,8 @@ from pix2rep.checkpoints import load_checkpoint
 from pix2rep.config import apply_overrides, parse_assignment, preset_config, study_plan_config
 from pix2rep.data.dataset import load_patients
 from pix2rep.data.sampling import sample_few_shot_patients
-from pix2rep.data.synthetic import write_demo_datasets
+from pix2rep.data.dataset import default_cache_dir
+from pix2rep.data.synthetic import write_demo_datasets, write_synthetic_dataset
 from pix2rep.evaluation.evaluate import evaluate_patients
 from pix2rep.runtime import resolve_device
 from pix2rep.training.downstream import train_segmentation
@@ -41,11 +42,18 @@ parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--pretrain-epochs", type=int, default=None, help="instead of the demo plan's (when it pretrains)")
 parser.add_argument("--base", nargs="*", default=[], metavar="KEY=VALUE", help="settings for pretraining and downstream")
 parser.add_argument("--csv", default=None, help="append one row per seed to this CSV file")
+parser.add_argument("--pool-size", type=int, default=None,
+                    help="a synthetic pool of this many patients (seed 0, its first 20 are the demo's) instead of the demo's 20")
 args = parser.parse_args()
 
 quiet = lambda *_: None  # noqa: E731
 cfg = apply_overrides(study_plan_config(preset_config("tiny"), "demo"), dict(parse_assignment(s) for s in args.base))
-pool = load_patients(write_demo_datasets()[0], cfg, log=quiet)
+if args.pool_size is None:
+    pool_dir = write_demo_datasets()[0]
+else:
+    pool_dir = write_synthetic_dataset(default_cache_dir() / "demo" / f"synthetic-pool-{args.pool_size}-seed0",
+                                       n_patients=args.pool_size, seed=0)
+pool = load_patients(pool_dir, cfg, log=quiet)
 pre = Path(args.pretrain_dir)
 if not (pre / "best.pt").exists():
     pre.mkdir(parents=True, exist_ok=True)
