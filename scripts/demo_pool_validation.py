@@ -24,9 +24,8 @@ import numpy as np
 
 from pix2rep.checkpoints import load_checkpoint
 from pix2rep.config import apply_overrides, parse_assignment, preset_config, study_plan_config
-from pix2rep.data.dataset import load_patients
+from pix2rep.data.dataset import default_cache_dir, load_patients
 from pix2rep.data.sampling import sample_few_shot_patients
-from pix2rep.data.dataset import default_cache_dir
 from pix2rep.data.synthetic import write_demo_datasets, write_synthetic_dataset
 from pix2rep.evaluation.evaluate import evaluate_patients
 from pix2rep.runtime import resolve_device

@@ -13,24 +13,19 @@ To imitate an AVX2-only CPU on an AVX-512 one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_M
 
 import argparse
 import platform
-import time
 
-import numpy as np
 import torch
 
 from pix2rep.config import apply_overrides, preset_config
 from pix2rep.provenance import cpu_model_name
-from pix2rep.runtime import bf16_is_native, keep_freed_memory
-from pix2rep.speed import backbone_flops_per_sample, matmul_peak_flops
-from pix2rep.models import memory_format
-from pix2rep.training.pretrain import PretrainNet, build_pretraining_modules, pretrain_step
+from pix2rep.runtime import bf16_is_native
+from pix2rep.speed import backbone_flops_per_sample, matmul_peak_flops, pretraining_step_seconds
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--repeats", type=int, default=3, help="timed steps per option (after the warm-up)")
+parser.add_argument("--repeats", type=int, default=3, help="timed steps per option (after two warm-up steps)")
 parser.add_argument("--d", type=int, default=64, help="representation size D (model.out_channels)")
 args = parser.parse_args()
 
-keep_freed_memory()
 device = torch.device("cpu")
 threads = torch.get_num_threads()
 print(f"{cpu_model_name()}, {threads} threads, torch {torch.__version__}, {platform.machine()}; "
@@ -39,27 +34,6 @@ peak = matmul_peak_flops(device, torch.float32, n=2048, repeats=3)
 print(f"fp32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s")
 base = apply_overrides(preset_config("cpu"), {"model.out_channels": args.d, "bf16": False})
 flops = backbone_flops_per_sample(base, device)
-
-
-def step_seconds(cfg, compile_backbone=False):
-    backbone, head = build_pretraining_modules(cfg)
-    backbone.to(device, memory_format=memory_format(cfg.channels_last)).train()
-    head.train()
-    if compile_backbone:
-        backbone = torch.compile(backbone)
-    net = PretrainNet(backbone, head, cfg, False)
-    params = list(backbone.parameters()) + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.pretrain.lr)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(cfg.pretrain.batch_size, 1, cfg.preprocess.size, cfg.preprocess.size, generator=gen)
-    for _ in range(2 if compile_backbone else 1):  # compilation happens in the first steps
-        pretrain_step(net, opt, x, gen, params, None)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        pretrain_step(net, opt, x, gen, params, None)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 options = [
@@ -74,7 +48,7 @@ print("|---|---|---|---|")
 for name, cfg, extra in options:
     torch.set_num_threads(extra.get("threads", threads))
     try:
-        s = step_seconds(cfg, extra.get("compile", False))
+        s = pretraining_step_seconds(cfg, args.repeats, compile_backbone=extra.get("compile", False))
     except Exception as exc:  # a failed option is a result too
         print(f"| {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | |")
         continue

@@ -72,7 +72,7 @@ def backbone_flops_per_sample(cfg: RunConfig, device: torch.device) -> int:
     return int(counter.get_total_flops())
 
 
-def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
+def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool, compile_backbone: bool = False):
     """Callables timing the parts of the training loop's own step on one fixed batch: the
     augmentation (:func:`make_views`), the backbone alone, the whole :func:`pretrain_step`,
     and the optimiser's update."""
@@ -81,6 +81,8 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
     backbone, head = build_pretraining_modules(cfg)
     backbone.to(device, memory_format=memory_format(cfg.channels_last)).train()
     head.to(device).train()
+    if compile_backbone:  # scripts/fp32_step_options.py: does inductor raise the step's speed?
+        backbone = torch.compile(backbone)
     net = PretrainNet(backbone, head, cfg, amp)
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.pretrain.lr)
@@ -105,20 +107,29 @@ def _pretraining_parts(cfg: RunConfig, device: torch.device, amp: bool):
     return augment, backbone_only, full_step, optimiser_step
 
 
-def pretraining_step_seconds(cfg: RunConfig, repeats: int = 3) -> float:
-    """Median seconds of one whole pretraining step of ``cfg`` (batch ``pretrain.batch_size``) on its device."""
+def pretraining_step_seconds(cfg: RunConfig, repeats: int = 3, compile_backbone: bool = False) -> float:
+    """Median seconds of one whole pretraining step of ``cfg`` (batch ``pretrain.batch_size``) on
+    its device, after two warm-up steps (which also compile, with ``compile_backbone``)."""
     device = resolve_device(cfg.device)
     keep_freed_memory()  # as pretraining runs (measured: 0.53 against 0.65 s for the `cpu` step)
-    full_step = _pretraining_parts(cfg, device, use_bf16(cfg.bf16, device))[2]
+    full_step = _pretraining_parts(cfg, device, use_bf16(cfg.bf16, device), compile_backbone)[2]
     return _timed(full_step, device, repeats, warmup=2)
+
+
+def _with_model(cfg: RunConfig, model) -> RunConfig:
+    """``cfg`` with ``model`` and no ``fit_sizes`` left: what a fitted run records and reruns."""
+    return dataclasses.replace(cfg, model=model, pretrain=dataclasses.replace(cfg.pretrain, fit_sizes=()))
+
+
+def _model_size(model) -> str:
+    return f"widths {'-'.join(map(str, model.widths))}, D = {model.out_channels}"
 
 
 def sized_model(cfg: RunConfig, first_width: int, d: int) -> RunConfig:
     """``cfg`` with widths doubling from ``first_width`` (as many levels as before), D = ``d``, and
     no ``fit_sizes`` left."""
     widths = tuple(first_width * 2**level for level in range(len(cfg.model.widths)))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, widths=widths, out_channels=d),
-                               pretrain=dataclasses.replace(cfg.pretrain, fit_sizes=()))
+    return _with_model(cfg, dataclasses.replace(cfg.model, widths=widths, out_channels=d))
 
 
 def fit_model_size(cfg: RunConfig, n_train_slices: int, log=print, step_seconds=None) -> RunConfig:
@@ -132,19 +143,18 @@ def fit_model_size(cfg: RunConfig, n_train_slices: int, log=print, step_seconds=
         return cfg
     step_seconds = step_seconds or pretraining_step_seconds
     steps = p.epochs * math.ceil(n_train_slices / p.batch_size)
-    projected = {}
+    projected = []
     for first_width, d in p.fit_sizes:
         candidate = sized_model(cfg, first_width, d)
         # validation passes and the per-epoch checkpoint cost a little on top of the steps
-        projected[first_width, d] = 1.05 * steps * step_seconds(candidate) / 60
-        if projected[first_width, d] <= p.max_minutes:
+        minutes = 1.05 * steps * step_seconds(candidate) / 60
+        projected.append(f"widths from {first_width}, D = {d}: about {minutes:.0f} min")
+        if minutes <= p.max_minutes:
             break
-    fits = projected[candidate.model.widths[0], candidate.model.out_channels] <= p.max_minutes
-    measured = ", ".join(f"widths from {w}, D = {d}: about {m:.0f} min" for (w, d), m in projected.items())
-    verdict = (f"the largest candidate that fits the {p.max_minutes}-minute budget" if fits
+    verdict = (f"the largest candidate that fits the {p.max_minutes}-minute budget" if minutes <= p.max_minutes
                else f"the smallest candidate; none fits the {p.max_minutes}-minute budget, which will cut the epochs")
-    log(f"model size: widths {'-'.join(map(str, candidate.model.widths))}, D = {candidate.model.out_channels}, {verdict} "
-        f"({p.epochs} epochs of {n_train_slices} slices, projected from a measured step: {measured})")
+    log(f"model size: {_model_size(candidate.model)}, {verdict} ({p.epochs} epochs of {n_train_slices} slices, "
+        f"projected from a measured step: {', '.join(projected)})")
     return candidate
 
 
@@ -156,9 +166,8 @@ def fit_model_size_for_run(cfg: RunConfig, patients, out: Path, resume: bool, lo
     saved = Path(out) / "config.yaml"
     if resume and saved.is_file():
         model = RunConfig.load(saved).model
-        log(f"model size: widths {'-'.join(map(str, model.widths))}, D = {model.out_channels}, as chosen when this run "
-            f"started ({saved})")
-        return dataclasses.replace(cfg, model=model, pretrain=dataclasses.replace(cfg.pretrain, fit_sizes=()))
+        log(f"model size: {_model_size(model)}, as chosen when this run started ({saved})")
+        return _with_model(cfg, model)
     from .training.pretrain import split_validation_patients
 
     train, _ = split_validation_patients(patients, cfg.pretrain.val_fraction, cfg.pretrain.seed)
