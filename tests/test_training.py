@@ -188,3 +188,48 @@ def test_downstream_records_the_precision_it_ran_in(tmp_path, monkeypatch):
     downstream.train_segmentation(cfg, patients(1), tmp_path, progress=False)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["bf16"] is False
     assert load_checkpoint(tmp_path / "model.pt")[0]["config"]["bf16"] is False
+
+
+@pytest.mark.parametrize("mode,atol", [("finetune", 1e-3), ("probe", 1e-5), ("random-probe", 1e-5), ("scratch", 1e-4)])
+def test_cells_trained_at_once_are_the_cells_trained_alone(mode, atol):
+    """Each cell of train_segmentation_cells starts, draws and steps as train_segmentation with
+    its seed. Adam turns the rounding noise of gradients that are zero in exact arithmetic (a
+    conv bias before BatchNorm) into steps of up to the rate, so the from-scratch network runs
+    at rate 1e-6 here: its outputs still check its initialisation and, through the BatchNorm
+    statistics, the slices each cell drew (its gradients: tests/test_models.py)."""
+    cfg = tiny_config()
+    cfg.bf16 = False
+    cfg.downstream.mode, cfg.downstream.steps, cfg.downstream.lr_schedule = mode, 4, "cosine"
+    cfg.downstream.lr_scratch = 1e-6
+    state = None
+    if mode in ("finetune", "probe"):
+        torch.manual_seed(99)
+        state = downstream.build_segmentation_model(cfg).backbone.state_dict()
+    cells = [(0, patients(1, seed=0)), (3, patients(2, seed=1))]
+    together = downstream.train_segmentation_cells(cfg, cells, state, progress=False)
+    assert len(together) == 2
+    x = torch.rand(2, 1, SIZE, SIZE)
+    for (seed, chosen), (model, summary) in zip(cells, together):
+        assert summary["steps"] == 4 and summary["train_slices"] == SLICES * len(chosen)
+        cfg.downstream.seed = seed
+        alone, _ = downstream.train_segmentation(cfg, chosen, None, backbone_state=state, progress=False)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), alone(x), atol=atol, rtol=0)
+        if mode in downstream.FROZEN_MODES:  # the frozen backbone is untouched
+            assert all(torch.equal(a, b) for a, b in
+                       zip(model.backbone.state_dict().values(), alone.backbone.state_dict().values()))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"mode": "mean-teacher"}, "one cell at a time"),
+    ({"grad_clip": 1.0}, "no grad_clip"),
+    ({"stopping": "validation", "val_patients": 1}, "fixed-steps"),
+    ({"mode": "probe", "probe_features": "cached"}, "cached features"),
+    ({"mode": "finetune"}, "needs a pretrained model"),
+])
+def test_cells_at_once_refuse_what_would_couple_them_or_is_not_built(change, message):
+    cfg = tiny_config()
+    for key, value in change.items():
+        setattr(cfg.downstream, key, value)
+    with pytest.raises(Exception, match=message):
+        downstream.train_segmentation_cells(cfg, [(0, patients(1))], None, progress=False)

@@ -13,6 +13,7 @@ and nothing else of training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -34,7 +35,7 @@ from .provenance import log_invocation, machine_meta
 from .runs import check_run_dir, prepare_run_dir
 from .runtime import resolve_device
 from .speed import fit_model_size_for_run
-from .training.downstream import train_segmentation
+from .training.downstream import cells_at_once_refusal, train_segmentation, train_segmentation_cells
 from .training.pretrain import pretrain
 
 # method name -> (downstream mode, the pretraining it starts from, or None for a random start)
@@ -73,6 +74,28 @@ def cell_name(method: str, n: int, seed: int) -> str:
     return f"{method}-N{n}-s{seed}"
 
 
+def cell_config(cfg: RunConfig, method: str, n: int, seed: int, pool: Sequence[PreparedPatient]
+                ) -> tuple[RunConfig, list[PreparedPatient]]:
+    """The configuration of one cell (its mode, seed and steps) and its N sampled patients."""
+    cell_cfg = RunConfig.from_dict(cfg.to_dict())
+    cell_cfg.downstream.mode = METHODS[method][0]
+    cell_cfg.downstream.seed = seed
+    cell_cfg.downstream.steps = cfg.study.steps_for(n, cfg.downstream.steps)
+    chosen = sample_few_shot_patients(pool, n, seed)
+    cell_cfg.patients = [p.id for p in chosen]
+    return cell_cfg, chosen
+
+
+def evaluated_cell(cfg: RunConfig, method: str, n: int, seed: int, patients: list[str], model, steps: int,
+                   train_seconds: float, evaluation: Sequence[PreparedPatient]) -> dict:
+    """A trained cell's JSON payload: its Dice and clinical rows on the evaluation patients."""
+    t0 = time.time()
+    rows, clinical_rows, _ = evaluate_patients(model, evaluation, resolve_device(cfg.device), cfg.bf16,
+                                               postprocess=cfg.downstream.postprocess)
+    return {"method": method, "n": n, "seed": seed, "patients": patients, "train_seconds": train_seconds,
+            "eval_seconds": time.time() - t0, "steps": steps, "rows": rows, "clinical": clinical_rows}
+
+
 def run_cell(
     cfg: RunConfig,
     method: str,
@@ -90,31 +113,51 @@ def run_cell(
     Mean Teacher methods use the whole pool, unlabeled, as their unlabeled set."""
     mode, kind = METHODS[method]
     state, prefixes = backbones[kind] if kind else (None, None)
-    cell_cfg = RunConfig.from_dict(cfg.to_dict())
-    cell_cfg.downstream.mode = mode
-    cell_cfg.downstream.seed = seed
-    cell_cfg.downstream.steps = cfg.study.steps_for(n, cfg.downstream.steps)
-    chosen = sample_few_shot_patients(pool, n, seed)
-    cell_cfg.patients = [p.id for p in chosen]
+    cell_cfg, chosen = cell_config(cfg, method, n, seed, pool)
     t0 = time.time()
     model, summary = train_segmentation(
         cell_cfg, chosen, None, backbone_state=state, progress=progress, log=log, pretrained_prefixes=prefixes,
         unlabeled_patients=pool if mode == "mean-teacher" else (),
     )
-    t_train = time.time() - t0
-    device = resolve_device(cfg.device)
-    rows, clinical_rows, _ = evaluate_patients(model, evaluation, device, cfg.bf16, postprocess=cfg.downstream.postprocess)
-    return {
-        "method": method,
-        "n": n,
-        "seed": seed,
-        "patients": cell_cfg.patients,
-        "train_seconds": t_train,
-        "eval_seconds": time.time() - t0 - t_train,
-        "steps": summary["steps"],
-        "rows": rows,
-        "clinical": clinical_rows,
-    }
+    return evaluated_cell(cfg, method, n, seed, cell_cfg.patients, model, summary["steps"], time.time() - t0, evaluation)
+
+
+def run_cells_at_once(cfg: RunConfig, method: str, n: int, seeds: Sequence[int], pool: Sequence[PreparedPatient],
+                      evaluation: Sequence[PreparedPatient], backbones: dict[str, tuple[dict, list[str]]],
+                      progress: bool = False) -> list[dict]:
+    """The cells of ``seeds`` for one method and N, trained together
+    (:func:`~pix2rep.training.downstream.train_segmentation_cells`) and evaluated one by one.
+    Each cell's ``train_seconds`` is its share of the joint training; ``trained_with`` says how
+    many cells shared it."""
+    kind = METHODS[method][1]
+    state, prefixes = backbones[kind] if kind else (None, None)
+    configs = [cell_config(cfg, method, n, seed, pool) for seed in seeds]
+    t0 = time.time()
+    trained = train_segmentation_cells(configs[0][0], [(seed, chosen) for seed, (_, chosen) in zip(seeds, configs)],
+                                       state, progress=progress, pretrained_prefixes=prefixes)
+    share = (time.time() - t0) / len(seeds)
+    return [{**evaluated_cell(cfg, method, n, seed, cell_cfg.patients, model, summary["steps"], share, evaluation),
+             "trained_with": len(seeds)}
+            for seed, (cell_cfg, _), (model, summary) in zip(seeds, configs, trained)]
+
+
+def _cell_groups(grid: list[tuple[str, int, int]], cells_dir: Path, at_once: int, cfg: RunConfig
+                 ) -> list[list[tuple[str, int, int]]]:
+    """The grid's missing cells in the order they run: one at a time, or, with ``at_once`` > 1
+    and a mode that can, up to ``at_once`` seeds of one (method, N) together, placed where the
+    first of them stood in the grid."""
+    missing = [cell for cell in grid if not (cells_dir / f"{cell_name(*cell)}.json").exists()]
+    groupable = {m for m in {cell[0] for cell in missing} if at_once > 1 and cells_at_once_refusal(
+        dataclasses.replace(cfg, downstream=dataclasses.replace(cfg.downstream, mode=METHODS[m][0]))) is None}
+    groups: dict[tuple, list] = {}
+    for m, n, s in missing:
+        together = m in groupable
+        key = (m, n) if together else (m, n, s)
+        if key in groups and len(groups[key][-1]) < at_once:
+            groups[key][-1].append((m, n, s))
+        else:
+            groups.setdefault(key, []).append([(m, n, s)])
+    return sorted((g for chunks in groups.values() for g in chunks), key=lambda g: missing.index(g[0]))
 
 
 def check_no_evaluation_leak(weights: PretrainedBackbone, evaluation: Sequence[PreparedPatient], eval_root: Path) -> None:
@@ -211,19 +254,22 @@ def run_study(cfg: RunConfig, data: str | Path, out: str | Path, *, model: Optio
                       f"{cfg.downstream.lr_schedule}, rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
     synthetic = is_synthetic_dataset(data)
     grid_seconds = 0.0
-    for i, (m, n, s) in enumerate(grid, 1):
-        cell_file = cells_dir / f"{cell_name(m, n, s)}.json"
-        if cell_file.exists() or report_only:
-            continue
+    for group in [] if report_only else _cell_groups(grid, cells_dir, plan.cells_at_once, cfg):
+        m, n = group[0][:2]
         kind = METHODS[m][1]
         if kind is not None and kind not in backbones:
             backbones[kind] = pretrain_for_study(kind)
         t0 = time.time()
-        cell = run_cell(cfg, m, n, s, pool, evaluation, backbones, progress=progress, log=log)
-        cell.update({key: meta[key] for key in ("machine", "torch", "commit")})  # where it ran, for the report
-        atomic_write_bytes(cell_file, json.dumps(cell).encode())
-        log(f"[{i}/{len(grid)}] {cell_name(m, n, s)}: Dice {np.mean([r['dice_mean'] for r in cell['rows']]):.3f} "
-            f"({cell['train_seconds']:.0f} s training)")
+        if len(group) == 1:
+            cells = [run_cell(cfg, m, n, group[0][2], pool, evaluation, backbones, progress=progress, log=log)]
+        else:
+            cells = run_cells_at_once(cfg, m, n, [s for _, _, s in group], pool, evaluation, backbones, progress=progress)
+        for cell in cells:
+            cell.update({key: meta[key] for key in ("machine", "torch", "commit")})  # where it ran, for the report
+            atomic_write_bytes(cells_dir / f"{cell_name(m, n, cell['seed'])}.json", json.dumps(cell).encode())
+            log(f"[{grid.index((m, n, cell['seed'])) + 1}/{len(grid)}] {cell_name(m, n, cell['seed'])}: Dice "
+                f"{np.mean([r['dice_mean'] for r in cell['rows']]):.3f} ({cell['train_seconds']:.0f} s training"
+                + (f", {len(cells)} cells at once)" if len(cells) > 1 else ")"))
         grid_seconds += time.time() - t0
         stage_seconds["downstream grid (this invocation)"] = grid_seconds
         write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)

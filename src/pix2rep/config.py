@@ -159,6 +159,10 @@ class StudyPlan:
     # largest listed N not above it (one-shot figures need many draws, the full pool one).
     # Empty: every seed for every N.
     seeds_by_n: tuple[tuple[int, int], ...] = ()
+    # Up to this many seeds of one (method, N) train at once, as one grouped model
+    # (training.downstream.train_segmentation_cells): the same models up to rounding, fewer and
+    # larger passes, which is what fills a GPU. Methods it does not cover run one at a time.
+    cells_at_once: int = 1
 
     def __post_init__(self):
         self.methods, self.n, self.seeds = tuple(self.methods), tuple(self.n), tuple(self.seeds)
@@ -175,6 +179,8 @@ class StudyPlan:
             raise ValueError(f"seeds_by_n pairs (N, number of seeds) need N >= 1 and 1 <= k <= {len(self.seeds)} "
                              f"(the seeds listed), got {[list(p) for p in self.seeds_by_n]}")
         self._check_first_n("seeds_by_n", self.seeds_by_n)
+        if not isinstance(self.cells_at_once, int) or self.cells_at_once < 1:
+            raise ValueError(f"cells_at_once must be a whole number >= 1, got {self.cells_at_once!r}")
 
     def _check_first_n(self, name: str, pairs) -> None:
         """Every N of the study must find a listed N not above it."""

@@ -35,7 +35,7 @@ from ..config import RunConfig
 from ..data.dataset import PreparedPatient, SliceSet, stack_slices
 from ..errors import Pix2RepError
 from ..losses import mean_teacher_consistency, segmentation_loss
-from ..models import SegmentationModel, UNet, memory_format
+from ..models import SegmentationModel, UNet, memory_format, stack_segmentation_models, unstack_segmentation_model
 from ..provenance import versions
 from ..runs import MetricsLog, plot_curves
 from ..runtime import autocast, keep_freed_memory, resolve_device, use_bf16
@@ -46,6 +46,7 @@ from .step import NonFiniteLoss, optimizer_step
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "samples_per_s", "seconds")
 MT_METRIC_COLUMNS = ("epoch", "step", "train_loss", "consistency", "weight", "val_loss", "samples_per_s", "seconds")
 FROZEN_MODES = ("probe", "random-probe")
+CELLS_AT_ONCE_MODES = ("scratch", "finetune", "probe", "random-probe")  # what train_segmentation_cells trains
 
 
 def build_segmentation_model(cfg: RunConfig, backbone_state: Optional[dict] = None) -> SegmentationModel:
@@ -432,6 +433,103 @@ def train_segmentation(
         (out_dir / "last.pt").unlink(missing_ok=True)  # the run is done: model.pt is what it leaves
     barrier(ctx)
     return model, summary
+
+
+class _SumOverCells(nn.Module):
+    """The sum over G cells of ``loss_fn`` on each cell's logits, from logits (B, G x K, H, W) and
+    labels (B, G, H, W). Cell g's parameters receive the gradient of its own loss alone."""
+
+    def __init__(self, loss_fn: nn.Module, cells: int):
+        super().__init__()
+        self.loss_fn, self.cells = loss_fn, cells
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = logits.shape
+        per_cell = logits.reshape(b, self.cells, -1, h, w)
+        return sum(self.loss_fn(per_cell[:, g], y[:, g : g + 1]) for g in range(self.cells))
+
+
+def cells_at_once_refusal(cfg: RunConfig) -> Optional[str]:
+    """Why :func:`train_segmentation_cells` cannot train ``cfg``'s cells together, or None."""
+    d = cfg.downstream
+    if d.mode not in CELLS_AT_ONCE_MODES:
+        return f"mode {d.mode!r} trains one cell at a time (cells at once: {', '.join(CELLS_AT_ONCE_MODES)})"
+    if d.stopping != "fixed-steps" or d.grad_clip is not None:
+        return ("cells trained at once need stopping='fixed-steps' and no grad_clip "
+                f"(got stopping={d.stopping!r}, grad_clip={d.grad_clip})")
+    if d.mode in FROZEN_MODES and d.probe_features == "cached":
+        return "a probe on cached features trains one cell at a time (it is fast alone)"
+    return None
+
+
+def train_segmentation_cells(
+    cfg: RunConfig,
+    cells: Sequence[tuple[int, Sequence[PreparedPatient]]],
+    backbone_state: Optional[dict] = None,
+    progress: bool = True,
+    pretrained_prefixes: Optional[Sequence[str]] = None,
+) -> list[tuple[SegmentationModel, dict]]:
+    """Train several cells of one mode and one budget at once; returns (model, summary) per cell.
+
+    Cell i is (seed, annotated patients). The cells' networks are one grouped model
+    (:func:`~pix2rep.models.stack_segmentation_models`), so a step is one pass of larger
+    convolutions instead of G small ones, which is what keeps a GPU busy. Each cell starts,
+    draws its batches and augments them from its own seed, as :func:`train_segmentation`
+    does with ``downstream.seed`` set to it. The loss is the sum of the cells' losses, so each
+    cell's parameters get its own gradient, and Adam, elementwise, steps each cell as if alone:
+    the models equal separate runs' up to rounding (grouped convolutions sum in another order).
+    Fixed steps, no clipping (a global norm would couple the cells), one process, no files:
+    what a study cell needs.
+    """
+    from tqdm.auto import tqdm
+
+    d = cfg.downstream
+    refusal = cells_at_once_refusal(cfg)
+    if refusal:
+        raise Pix2RepError(refusal)
+    if (backbone_state is None) != (d.mode in ("scratch", "random-probe")):
+        raise Pix2RepError(f"mode {d.mode!r} " + ("needs a pretrained model" if backbone_state is None
+                                                  else "starts from a random backbone; do not pass a pretrained model"))
+    keep_freed_memory()
+    device = resolve_device(cfg.device)
+    amp, fmt = use_bf16(cfg.bf16, device), memory_format(cfg.channels_last)
+    models, trains, gens, pick_gens = [], [], [], []
+    for seed, patients in cells:  # the order of train_segmentation's draws, cell by cell
+        torch.manual_seed(seed)
+        trains.append(stack_slices(patients, labeled=True))
+        models.append(build_segmentation_model(cfg, backbone_state).to(device, memory_format=fmt))
+        if d.mode == "random-probe":
+            calibrate_batchnorm(models[-1].backbone, trains[-1].images, device, amp, fmt)
+        gens.append(torch.Generator(device=device).manual_seed(seed))
+        pick_gens.append(torch.Generator().manual_seed(seed))
+    model = stack_segmentation_models(models, cfg.model).to(device, memory_format=fmt)
+    del models
+    optimizer = build_optimizer(model, cfg, d.mode, pretrained_prefixes)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    training = Supervised(model, _SumOverCells(segmentation_loss(d.loss), len(cells)), d.mode in FROZEN_MODES, cfg, device, amp)
+    t0 = time.time()
+    bar = tqdm(range(1, d.steps + 1), desc=f"{d.mode} x{len(cells)}", disable=not progress, leave=False)
+    for step in bar:
+        training.train()
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * lr_factor(d.lr_schedule, step, d.steps)
+        xs, ys = [], []
+        for train, gen, pick_gen in zip(trains, gens, pick_gens):
+            idx = torch.randint(len(train), (d.batch_size,), generator=pick_gen)
+            x = train.images[idx].to(device)
+            xs.append(augment_intensity(x, cfg.intensity, gen) if d.augment else x)
+            ys.append(train.masks[idx, None].to(device))
+        try:
+            terms = train_step(training, optimizer, torch.cat(xs, 1), torch.cat(ys, 1), step, None)
+        except NonFiniteLoss as exc:
+            seeds = ", ".join(str(seed) for seed, _ in cells)
+            raise Pix2RepError(f"{exc} at step {step} of {d.steps} in the cells of seeds {seeds}, trained together; "
+                               "nothing was saved from them") from None
+        bar.set_postfix(loss_per_cell=f"{terms['train_loss'] / len(cells):.4f}")
+    seconds = time.time() - t0
+    return [(m.to(device, memory_format=fmt).eval(),
+             {"steps": d.steps, "seconds": seconds, "best_val_loss": float("inf"), "train_slices": len(train)})
+            for m, train in zip(unstack_segmentation_model(model, cfg.model), trains)]
 
 
 def _save_progress(path: Path, cfg: RunConfig, step: int, training: Supervised, optimizer, gen, pick_gen, best: tuple,
