@@ -14,7 +14,7 @@ Writes, into --out (resumable: finished runs are kept in the CSV and skipped):
 - ``schedule_curves.csv``: one row per run (method, N, seed, steps, validation Dice, seconds);
 - ``schedule_curves.png``: validation Dice against steps, per method and N;
 - ``schedule_summary.md``: per method and N, the change of the mean Dice when the steps double,
-  and the smallest tried S at which doubling moves it by less than 0.01 (the criterion).
+  and the smallest tried S from which every tried doubling moves it by less than 0.01 (the criterion).
 
 The backbone (``-m``) must be pretrained on pool patients only (the shipped
 ``pix2rep-acdc-backbone`` is): fine-tuning reads it, the baseline ignores it.
@@ -70,20 +70,43 @@ def summarise(rows: list[dict]) -> dict:
     return {k: {s: float(np.mean(v)) for s, v in sorted(by.items())} for k, by in out.items()}
 
 
-def write_summary(out: Path, rows: list[dict], command: str) -> None:
+def recorded_commands(out: Path, command: str) -> list[str]:
+    """Every invocation that wrote into ``out``, oldest first: the CSV merges their runs."""
+    path = out / "schedule_commands.txt"
+    commands = path.read_text().splitlines() if path.exists() else []
+    if command not in commands:
+        commands.append(command)
+        atomic_write_bytes(path, ("\n".join(commands) + "\n").encode())
+    return commands
+
+
+def converged_from(by: dict) -> int | None:
+    """The smallest tried S from which EVERY tried doubling moves the Dice by less than CRITERION.
+
+    One flat doubling is not enough: a baseline can plateau (300 -> 600) and then rise again
+    (600 -> 1200), so a single small step would pick a schedule that is not converged.
+    """
+    doublings = [s for s in sorted(by) if s * 2 in by]
+    for s in doublings:
+        if all(abs(by[t * 2] - by[t]) < CRITERION for t in doublings if t >= s):
+            return s
+    return None
+
+
+def write_summary(out: Path, rows: list[dict], commands: list[str]) -> None:
     lines = ["# Downstream schedule: validation Dice on pool patients", "",
-             f"`{command}`", "",
+             "Commands (each resumes the same CSV; together they produced every row):", "",
+             *(f"    {c}" for c in commands), "",
              "Mean over seeds of the validation Dice (10 pool patients, never the evaluation patients). "
              f"Criterion: doubling the steps moves it by less than {CRITERION}.", "",
-             "| method | N | steps: Dice (change from half the steps) | smallest S meeting the criterion |", "|---|---|---|---|"]
+             "| method | N | steps: Dice (change from half the steps) | converged from S (every later doubling < criterion) |", "|---|---|---|---|"]
     for (method, n), by in sorted(summarise(rows).items()):
         steps = sorted(by)
-        cells, chosen = [], None
+        cells = []
         for i, s in enumerate(steps):
             change = f" ({by[s] - by[steps[i - 1]]:+.3f})" if i and steps[i - 1] * 2 == s else ""
             cells.append(f"{s}: {by[s]:.3f}{change}")
-            if chosen is None and s * 2 in by and abs(by[s * 2] - by[s]) < CRITERION:
-                chosen = s
+        chosen = converged_from(by)
         seeds = len({r["seed"] for r in rows if r["method"] == method and int(r["N"]) == n})
         lines.append(f"| {method} | {n} | {'; '.join(cells)} | {chosen if chosen else 'none of those tried'} "
                      f"({seeds} seed{'s' if seeds != 1 else ''}) |")
@@ -125,6 +148,7 @@ def main() -> None:
     command = shlex.join(["python", "scripts/downstream_schedule_study.py", *sys.argv[1:]])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    commands = recorded_commands(out, command)
     weights = load_pretrained_backbone_weights(args.model)
     base = apply_overrides(weights.config, dict(parse_assignment(a) for a in args.set))
     if args.device:
@@ -161,9 +185,9 @@ def main() -> None:
                     write_csv(out / "schedule_curves.csv", [{k: r[k] for k in COLUMNS} for r in rows])
                     print(f"{name} N={n} seed={seed} steps={steps}: validation Dice {rows[-1]['val_dice']} "
                           f"({rows[-1]['seconds']} s)", flush=True)
-                    write_summary(out, rows, command)
+                    write_summary(out, rows, commands)
                     plot(out, rows)
-    write_summary(out, rows, command)
+    write_summary(out, rows, commands)
     plot(out, rows)
     print(f"wrote {out / 'schedule_summary.md'}")
 
