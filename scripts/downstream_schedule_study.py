@@ -107,7 +107,7 @@ def write_summary(out: Path, rows: list[dict], commands: list[str]) -> None:
             change = f" ({by[s] - by[steps[i - 1]]:+.3f})" if i and steps[i - 1] * 2 == s else ""
             cells.append(f"{s}: {by[s]:.3f}{change}")
         chosen = converged_from(by)
-        seeds = len({r["seed"] for r in rows if r["method"] == method and int(r["N"]) == n})
+        seeds = len({str(r["seed"]) for r in rows if r["method"] == method and int(r["N"]) == n})
         lines.append(f"| {method} | {n} | {'; '.join(cells)} | {chosen if chosen else 'none of those tried'} "
                      f"({seeds} seed{'s' if seeds != 1 else ''}) |")
     atomic_write_bytes(out / "schedule_summary.md", ("\n".join(lines) + "\n").encode())
