@@ -107,7 +107,7 @@ def write_summary(out: Path, rows: list[dict], commands: list[str]) -> None:
             change = f" ({by[s] - by[steps[i - 1]]:+.3f})" if i and steps[i - 1] * 2 == s else ""
             cells.append(f"{s}: {by[s]:.3f}{change}")
         chosen = converged_from(by)
-        seeds = len({str(r["seed"]) for r in rows if r["method"] == method and int(r["N"]) == n})
+        seeds = len({r["seed"] for r in rows if r["method"] == method and int(r["N"]) == n})
         lines.append(f"| {method} | {n} | {'; '.join(cells)} | {chosen if chosen else 'none of those tried'} "
                      f"({seeds} seed{'s' if seeds != 1 else ''}) |")
     atomic_write_bytes(out / "schedule_summary.md", ("\n".join(lines) + "\n").encode())
@@ -178,7 +178,9 @@ def main() -> None:
                                                   pretrained_prefixes=weights.prefixes if state is not None else None)
                     scored, _, _ = evaluate_patients(model, validation, device, cfg.bf16)
                     per_class = {c: float(np.mean([r[f"dice_{c}"] for r in scored])) for c in ("RV", "MYO", "LV")}
-                    rows.append({"method": name, "N": n, "train_patients": len(chosen), "seed": seed, "steps": steps,
+                    # as text, like the rows read back from the CSV, so both kinds group alike
+                    rows.append({"method": name, "N": str(n), "train_patients": str(len(chosen)), "seed": str(seed),
+                                 "steps": str(steps),
                                  "val_dice": f"{np.mean(list(per_class.values())):.5f}",
                                  **{f"val_{c}": f"{v:.5f}" for c, v in per_class.items()},
                                  "seconds": f"{time.time() - t0:.1f}"})
