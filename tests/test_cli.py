@@ -188,6 +188,41 @@ def test_an_interrupt_inside_an_extensions_import_still_stops_cleanly(monkeypatc
         main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
 
 
+def test_a_stop_signal_swallowed_by_a_finalizer_still_stops_the_run(monkeypatch, tmp_path, capsys):
+    # CI once saw SIGTERM land in a matplotlib weakref callback: Python printed "Exception
+    # ignored" and pretraining ran on past the test's 60 s. The interrupt must come back.
+    import gc
+
+    import pix2rep.cli as cli
+
+    monkeypatch.setattr(cli, "STOP_REPEAT_SECONDS", 0.2)
+    stopped_at = {}
+
+    class SignalsInItsFinalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs here, inside the finalizer: its interrupt is lost
+
+    def long_run(args):
+        SignalsInItsFinalizer()
+        gc.collect()
+        t0 = time.time()
+        try:
+            while time.time() - t0 < 10:
+                time.sleep(0.01)
+        finally:
+            stopped_at["seconds"] = time.time() - t0
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "pretrain", long_run)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT)}
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 130
+    assert stopped_at["seconds"] < 1.0, stopped_at
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the repetition ends with the run
+    assert {s: signal.getsignal(s) for s in previous} == previous
+
+
 def test_resume_command_replaces_overwrite_with_resume():
     assert resume_command(["pretrain", "--data", "a b", "--overwrite"]) == "pix2rep pretrain --data 'a b' --resume"
     assert resume_command(["benchmark", "--resume"]) == "pix2rep benchmark --resume"

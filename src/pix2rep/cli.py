@@ -13,6 +13,7 @@ prints the command that continues the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
@@ -202,18 +203,16 @@ def main(argv=None) -> int:
     keep_freed_memory()  # before the first large tensor: predict and evaluate benefit too
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach log files at once
-    # SIGTERM stops like Ctrl-C: cleanly, resumable. Ctrl-C is (re)installed too: a process
-    # started in the background of a non-interactive shell inherits SIGINT ignored.
-    previous = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _interrupt), (signal.SIGINT, signal.default_int_handler))}
     try:
-        try:
-            return COMMANDS[args.command](args) or 0
-        except Exception as exc:
-            # An interrupt that lands inside a C extension's import (matplotlib's, say) comes
-            # back as that import's error, with the KeyboardInterrupt as its cause: still a stop.
-            if _caused_by_interrupt(exc):
-                raise KeyboardInterrupt from exc
-            raise
+        with stop_on_signals():
+            try:
+                return COMMANDS[args.command](args) or 0
+            except Exception as exc:
+                # An interrupt that lands inside a C extension's import (matplotlib's, say) comes
+                # back as that import's error, with the KeyboardInterrupt as its cause: still a stop.
+                if _caused_by_interrupt(exc):
+                    raise KeyboardInterrupt from exc
+                raise
     except Pix2RepError as exc:
         print(f"pix2rep: error: {exc}", file=sys.stderr)
         return 2
@@ -222,13 +221,40 @@ def main(argv=None) -> int:
         if hasattr(args, "resume"):
             print(f"to continue: {resume_command(argv)}", file=sys.stderr)
         return 130
+
+
+STOP_REPEAT_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and Ctrl-C raise KeyboardInterrupt, which stops a run cleanly and resumably.
+
+    Ctrl-C is (re)installed too: a process started in the background of a non-interactive shell
+    inherits SIGINT ignored. A KeyboardInterrupt raised while Python runs a finalizer (a
+    ``__del__`` or weakref callback, e.g. matplotlib's) is printed as "Exception ignored" and
+    lost, and the run would go on; so after a stop signal the interrupt is raised again every
+    ``STOP_REPEAT_SECONDS`` until it leaves this block. On leaving, the repetition stops and the
+    previous handlers come back.
+    """
+    repeat = hasattr(signal, "setitimer")  # not on Windows
+    previous = {}
+
+    def stop(signum, frame):
+        if repeat and signal.SIGALRM not in previous:
+            previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, stop)
+            signal.setitimer(signal.ITIMER_REAL, STOP_REPEAT_SECONDS, STOP_REPEAT_SECONDS)
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
     finally:
+        if signal.SIGALRM in previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _caused_by_interrupt(exc: BaseException) -> bool:
