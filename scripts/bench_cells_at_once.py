@@ -1,10 +1,10 @@
 """Downstream throughput with several study cells trained at once (a benchmark, not a test).
 
 Usage: python scripts/bench_cells_at_once.py [--cells 1 2 4 8] [--steps 20] [--mode scratch]
-           [--preset cpu] [--device auto] [--processes 1] [--json FILE]
+           [--preset cpu] [--size 128] [--device auto] [--processes 1] [--json FILE]
 
 For each G in --cells, times `training.downstream.train_segmentation_cells` on G cells (one
-annotated patient of 10 random 128 x 128 slices each, batch `downstream.batch_size`), after a
+annotated patient of 10 random --size x --size slices each, batch `downstream.batch_size`), after a
 warm-up run, and prints the slices/s of one cell, of the process (G cells) and of the machine
 (--processes copies of this measurement running at once, each its own process). The steps are
 the study's (augmentation, forward, backward, Adam); evaluation is not timed.
@@ -28,14 +28,14 @@ from pix2rep.provenance import machine_meta
 from pix2rep.runtime import resolve_device, use_bf16
 from pix2rep.training.downstream import build_segmentation_model, train_segmentation_cells
 
-SIZE, SLICES = 128, 10
+SLICES = 10
 
 
-def random_patient(seed: int) -> PreparedPatient:
+def random_patient(seed: int, size: int) -> PreparedPatient:
     rng = np.random.default_rng(seed)
-    images = rng.random((SLICES, SIZE, SIZE), dtype=np.float32)
-    masks = rng.integers(0, 4, (SLICES, SIZE, SIZE)).astype(np.uint8)
-    volume = PreparedVolume(images, masks, np.arange(SLICES), (0, SIZE, 0, SIZE), (SLICES, SIZE, SIZE),
+    images = rng.random((SLICES, size, size), dtype=np.float32)
+    masks = rng.integers(0, 4, (SLICES, size, size)).astype(np.uint8)
+    volume = PreparedVolume(images, masks, np.arange(SLICES), (0, size, 0, size), (SLICES, size, size),
                             (10.0, 1.5, 1.5), f"p{seed}", "ED")
     return PreparedPatient(f"p{seed}", "NOR", [volume])
 
@@ -46,7 +46,7 @@ def measure(args) -> list[dict]:
         cfg = preset_config(args.preset)
         cfg.device, cfg.downstream.mode = args.device, args.mode
         state = build_segmentation_model(cfg).backbone.state_dict() if args.mode in ("finetune", "probe") else None
-        cells = [(seed, [random_patient(seed)]) for seed in range(g)]
+        cells = [(seed, [random_patient(seed, args.size)]) for seed in range(g)]
         cfg.downstream.steps = 3
         train_segmentation_cells(cfg, cells, state, progress=False)  # warm-up: kernels, allocator
         cfg.downstream.steps = args.steps
@@ -60,7 +60,7 @@ def measure(args) -> list[dict]:
         seconds = time.perf_counter() - t0
         per_process = g * args.steps * cfg.downstream.batch_size / seconds
         rows.append({"cells": g, "steps": args.steps, "batch": cfg.downstream.batch_size, "mode": args.mode,
-                     "preset": args.preset, "bf16": use_bf16(cfg.bf16, device), "seconds": seconds,
+                     "preset": args.preset, "size": args.size, "bf16": use_bf16(cfg.bf16, device), "seconds": seconds,
                      "slices_per_s_per_cell": per_process / g, "slices_per_s_per_process": per_process})
     return rows
 
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mode", default="scratch", choices=("scratch", "finetune", "probe"))
     parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--size", type=int, default=128, help="slice side in pixels (the demo's is 96)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--processes", type=int, default=1, help="copies run at once, one process each")
     parser.add_argument("--json", help="write the rows here")
@@ -80,7 +81,7 @@ def main() -> None:
         rows = measure(args)
     else:  # the same measurement in N processes at once; each prints its rows as JSON
         child = [sys.executable, __file__, "--child", "--cells", *map(str, args.cells), "--steps", str(args.steps),
-                 "--mode", args.mode, "--preset", args.preset, "--device", args.device]
+                 "--mode", args.mode, "--preset", args.preset, "--size", str(args.size), "--device", args.device]
         procs = [subprocess.Popen(child, stdout=subprocess.PIPE, text=True) for _ in range(args.processes)]
         results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
         rows = [{**r, "slices_per_s_per_process": float(np.mean([res[i]["slices_per_s_per_process"] for res in results])),
