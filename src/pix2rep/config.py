@@ -278,8 +278,8 @@ STUDY_PLANS: dict[str, dict] = {
     # LV is never learned; 3e-3 was the best fine-tuning rate there, 1e-3 the best baseline rate.
     # Four one-shot draws, two at N = 2 and 5; probes on cached features (METHOD's protocol less the
     # augmentation, many times faster per step). Baseline and fine-tuning train two cells at once: the
-    # `tiny` network leaves a 2-core CPU partly idle, and two grouped cells ran 1.4x the slices/s of
-    # one (scripts/bench_cells_at_once.py --preset tiny --mode finetune).
+    # `tiny` network leaves a 2-core CPU partly idle, and two grouped cells ran 1.3x the slices/s of
+    # one at 96 px (scripts/bench_cells_at_once.py --preset tiny --size 96 --mode finetune).
     "demo": {"study": {"methods": ("baseline", "pix2rep-lp", "pix2rep-ft"), "n": (1, 2, 5), "seeds": (0, 1, 2, 3),
                        "seeds_by_n": ((1, 4), (2, 2)), "full_pool": False, "cells_at_once": 2},
              "downstream": {"steps": 150, "lr_backbone": 3e-3, "lr_scratch": 1e-3, "probe_features": "cached"},
