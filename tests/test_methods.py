@@ -75,6 +75,36 @@ def test_invariance_ablation_pairs_the_same_pixel_in_both_views():
     assert (zu - zv).abs().max() > 1e-3  # a real transform: features read at T(p), not p
 
 
+def test_separate_view_passes_normalise_each_view_with_its_own_batch_statistics():
+    """``pretrain.separate_view_passes`` runs the backbone on v1 and on v2' apart (the reference's
+    BatchNorm statistics per view): its projections equal that computation written out by hand,
+    and differ from the one-pass default in training mode, where BatchNorm uses batch statistics."""
+    from pix2rep.losses import gather_positions, sample_valid_positions
+    from pix2rep.training.pretrain import make_views, pretrain_projections
+    from pix2rep.transforms import sample_at
+
+    separate = preset_config("tiny", pretrain={"separate_view_passes": True})
+    torch.manual_seed(0)
+    backbone, head = build_pretraining_modules(separate)
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    zu, zv = pretrain_projections(backbone, head, x, separate, torch.Generator().manual_seed(1), amp=False)
+
+    g = torch.Generator().manual_seed(1)  # the same draws, in the same order
+    views, theta, valid = make_views(x, separate, g)
+    f1, f2 = backbone(views[:3]), backbone(views[3:])
+    b, y, px = sample_valid_positions(valid, separate.pretrain.n_samples, g)
+    z = head(torch.cat([sample_at(f1, theta, (b, y, px)), gather_positions(f2, (b, y, px))]))
+    torch.testing.assert_close(torch.cat([zu, zv]), z)
+
+    joint_u, _ = pretrain_projections(backbone, head, x, preset_config("tiny"), torch.Generator().manual_seed(1), amp=False)
+    assert (joint_u - zu).abs().max() > 1e-3
+    backbone.eval()
+    head.eval()
+    eval_u, _ = pretrain_projections(backbone, head, x, separate, torch.Generator().manual_seed(1), amp=False)
+    joint_eval_u, _ = pretrain_projections(backbone, head, x, preset_config("tiny"), torch.Generator().manual_seed(1), amp=False)
+    torch.testing.assert_close(eval_u, joint_eval_u)  # running statistics: the passes agree
+
+
 @pytest.mark.slow
 def test_benchmark_runs_the_extra_methods_by_name(synthetic_root, tmp_path):
     from pix2rep.data.synthetic import write_synthetic_dataset

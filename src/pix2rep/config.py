@@ -59,6 +59,10 @@ class PretrainConfig:
     # rerun from the folder trains the same model. Empty: the model as configured.
     fit_sizes: tuple[tuple[int, int], ...] = ()
     grad_clip: Optional[float] = None  # clip the global gradient norm to this value (off by default)
+    # Pix2Rep and v2: pass v1 and v2' through the backbone separately, each view with its own
+    # BatchNorm batch statistics, as the reference code does. Off: one pass over both views (2B
+    # slices), as every committed run did. README "Deviations from the reference code".
+    separate_view_passes: bool = False
     # torchrun only: InfoNCE negatives from every process; SyncBatchNorm (nccl/CUDA only)
     gather_negatives: bool = True
     sync_batchnorm: bool = False

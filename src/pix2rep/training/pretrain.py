@@ -4,7 +4,8 @@ One step, for a batch x of B slices:
 
 1. two intensity views v1 = I1(x), v2 = I2(x), and one random affine T per slice;
 2. v2' = warp(v2, T) and the mask of positions whose source lies inside the image;
-3. one backbone pass on [v1, v2'] gives f1 = f(v1) and f2 = f(v2');
+3. one backbone pass on [v1, v2'] gives f1 = f(v1) and f2 = f(v2') (two passes, with
+   BatchNorm statistics per view, under ``pretrain.separate_view_passes``);
 4. N positions p valid in both views are sampled over the batch;
 5. u = f1 at T(p) (bilinear lookup), v = f2 at p; z = g(u), z' = g(v) (projection head);
 6. loss = NT-Xent(z, z') (Pix2Rep) or Barlow Twins(z, z') (Pix2Rep-v2).
@@ -117,15 +118,19 @@ def pretrain_projections(
     B = x.shape[0]
     views, theta, valid = make_views(x, cfg, generator)
     with autocast(x.device, amp):
-        feats = backbone(views)  # rows 0..B-1: f1 = f(v1); rows B..2B-1: f2 = f(v2')
+        if cfg.pretrain.separate_view_passes:  # the reference's two passes: BatchNorm statistics per view
+            f1, f2, offset = backbone(views[:B]), backbone(views[B:]), 0
+        else:  # rows 0..B-1 of one pass: f1 = f(v1); rows B..2B-1: f2 = f(v2')
+            f1 = f2 = backbone(views)
+            offset = B
     n = cfg.pretrain.n_samples if cfg.pretrain.loss == "infonce" else BARLOW_PIXELS
     b, y, px = sample_valid_positions(valid, n, generator)
     # Read the N sampled vectors first, then cast: no float32 copy of whole feature maps.
-    # Both reads index ``feats`` itself (rows b and B + b) rather than slices of it, so that
-    # the gradient reaches the backbone in the features' memory format (channels_last).
-    dtype = loss_dtype(feats.dtype)  # float32, or float64 for a float64 model
-    u = sample_at(feats, theta, (b, y, px), dtype=dtype)
-    v = gather_positions(feats, (b + B, y, px)).to(dtype)
+    # Both reads index the backbone's outputs themselves (one pass: rows b and B + b) rather than
+    # slices of them, so that the gradient reaches the backbone in their memory format (channels_last).
+    dtype = loss_dtype(f1.dtype)  # float32, or float64 for a float64 model
+    u = sample_at(f1, theta, (b, y, px), dtype=dtype)
+    v = gather_positions(f2, (b + offset, y, px)).to(dtype)
     with autocast(x.device, amp):
         z = head(torch.cat([u, v]))
     return z[: len(u)].to(dtype), z[len(u) :].to(dtype)
