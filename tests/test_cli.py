@@ -121,8 +121,16 @@ def test_a_study_config_yaml_reruns_the_study(synthetic_root, tmp_path):
     assert main(["benchmark", "--data", str(synthetic_root), "--config", str(first / "config.yaml"), "--out", str(again),
                  "--no-progress"]) == 0
     assert sorted(p.name for p in (again / "cells").glob("*.json")) == ["baseline-N1-s0.json"]
-    a, b = (json.loads((d / "cells" / "baseline-N1-s0.json").read_text())["rows"] for d in (first, again))
-    assert a == b  # the same study, bit for bit
+    assert RunConfig.load(again / "config.yaml") == saved  # the same settings, to the last digit
+    a, b = (json.loads((d / "cells" / "baseline-N1-s0.json").read_text()) for d in (first, again))
+    assert (a["patients"], a["steps"]) == (b["patients"], b["steps"])
+    # The same cells on the same patients. Their Dice agree to rounding, not always bit for bit:
+    # CI on a 2-core Intel Xeon once read 0.048001 and 0.048030 for the same case (a 3-step model
+    # has many near-tied pixels, so one rounding difference flips several).
+    for ra, rb in zip(a["rows"], b["rows"], strict=True):
+        assert (ra["patient"], ra["phase"]) == (rb["patient"], rb["phase"])
+        for column in [c for c in ra if c.startswith("dice_")]:
+            assert ra[column] == pytest.approx(rb[column], abs=1e-3), column
 
 
 def test_a_study_gives_each_n_the_steps_of_steps_by_n_and_the_seeds_of_seeds_by_n(synthetic_root, tmp_path):

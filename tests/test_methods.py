@@ -75,19 +75,31 @@ def test_invariance_ablation_pairs_the_same_pixel_in_both_views():
     assert (zu - zv).abs().max() > 1e-3  # a real transform: features read at T(p), not p
 
 
+def _modules_and_batch(cfg, size: int):
+    """A pretraining backbone and head of ``cfg`` (seeded) and a batch of 3 random slices."""
+    torch.manual_seed(0)
+    backbone, head = build_pretraining_modules(cfg)
+    return backbone, head, torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _projections(backbone, head, x, cfg):
+    """``pretrain_projections`` in fp32 with the draws of generator seed 1 (the tests redo them)."""
+    from pix2rep.training.pretrain import pretrain_projections
+
+    return pretrain_projections(backbone, head, x, cfg, torch.Generator().manual_seed(1), amp=False)
+
+
 def test_separate_view_passes_normalise_each_view_with_its_own_batch_statistics():
     """``pretrain.separate_view_passes`` runs the backbone on v1 and on v2' apart (the reference's
     BatchNorm statistics per view): its projections equal that computation written out by hand,
     and differ from the one-pass default in training mode, where BatchNorm uses batch statistics."""
     from pix2rep.losses import gather_positions, sample_valid_positions
-    from pix2rep.training.pretrain import make_views, pretrain_projections
+    from pix2rep.training.pretrain import make_views
     from pix2rep.transforms import sample_at
 
     separate = preset_config("tiny", pretrain={"separate_view_passes": True})
-    torch.manual_seed(0)
-    backbone, head = build_pretraining_modules(separate)
-    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
-    zu, zv = pretrain_projections(backbone, head, x, separate, torch.Generator().manual_seed(1), amp=False)
+    backbone, head, x = _modules_and_batch(separate, 64)
+    zu, zv = _projections(backbone, head, x, separate)
 
     g = torch.Generator().manual_seed(1)  # the same draws, in the same order
     views, theta, valid = make_views(x, separate, g)
@@ -96,13 +108,52 @@ def test_separate_view_passes_normalise_each_view_with_its_own_batch_statistics(
     z = head(torch.cat([sample_at(f1, theta, (b, y, px)), gather_positions(f2, (b, y, px))]))
     torch.testing.assert_close(torch.cat([zu, zv]), z)
 
-    joint_u, _ = pretrain_projections(backbone, head, x, preset_config("tiny"), torch.Generator().manual_seed(1), amp=False)
+    joint_u, _ = _projections(backbone, head, x, preset_config("tiny"))
     assert (joint_u - zu).abs().max() > 1e-3
     backbone.eval()
     head.eval()
-    eval_u, _ = pretrain_projections(backbone, head, x, separate, torch.Generator().manual_seed(1), amp=False)
-    joint_eval_u, _ = pretrain_projections(backbone, head, x, preset_config("tiny"), torch.Generator().manual_seed(1), amp=False)
+    eval_u, _ = _projections(backbone, head, x, separate)
+    joint_eval_u, _ = _projections(backbone, head, x, preset_config("tiny"))
     torch.testing.assert_close(eval_u, joint_eval_u)  # running statistics: the passes agree
+
+
+def test_head_on_full_maps_projects_every_pixel_then_reads_view_one_at_t_of_p():
+    """``pretrain.head_on_full_maps`` is METHOD step 4 as written: z1 = warp(g(f(v1)), T) and
+    z2 = g(f(v2')) at the sampled p. Its projections equal that computation written out by hand
+    (the head as a 1x1-conv stack over whole maps, the warp by grid_sample); in eval mode with no
+    spatial transform they equal the default's (head on the sampled vectors), and in training
+    they differ, since the head's BatchNorm then normalises over every pixel."""
+    import torch.nn.functional as F
+
+    from pix2rep.losses import sample_valid_positions
+    from pix2rep.training.pretrain import make_views
+    from pix2rep.transforms import warp
+
+    full = preset_config("tiny", pretrain={"head_on_full_maps": True})
+    backbone, head, x = _modules_and_batch(full, 32)
+    zu, zv = _projections(backbone, head, x, full)
+
+    g = torch.Generator().manual_seed(1)  # the same draws, in the same order
+    views, theta, valid = make_views(x, full, g)
+    f = backbone(views)
+    lin1, bn, _, lin2 = head.net
+    hidden = F.conv2d(f, lin1.weight[:, :, None, None], lin1.bias)
+    mean, var = hidden.mean(dim=(0, 2, 3)), hidden.var(dim=(0, 2, 3), unbiased=False)
+    hidden = (hidden - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
+    hidden = hidden * bn.weight[:, None, None] + bn.bias[:, None, None]
+    z = F.conv2d(hidden.relu(), lin2.weight[:, :, None, None], lin2.bias)
+    z1 = warp(z[:3], theta)[0]
+    b, y, px = sample_valid_positions(valid, full.pretrain.n_samples, g)
+    torch.testing.assert_close(zu, z1[b, :, y, px], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(zv, z[3 + b, :, y, px], atol=1e-4, rtol=1e-4)
+
+    default = preset_config("tiny")
+    assert (_projections(backbone, head, x, default)[1] - zv).abs().max() > 1e-3
+    backbone.eval()
+    head.eval()
+    for cfg in (full, default):
+        cfg.spatial.enabled = False  # identity T: every source pixel-aligned
+    torch.testing.assert_close(_projections(backbone, head, x, full), _projections(backbone, head, x, default))
 
 
 @pytest.mark.slow

@@ -63,6 +63,11 @@ class PretrainConfig:
     # BatchNorm batch statistics, as the reference code does. Off: one pass over both views (2B
     # slices), as every committed run did. README "Deviations from the reference code".
     separate_view_passes: bool = False
+    # Pix2Rep and v2: METHOD step 4 as written, z1 = warp(g(f(v1)), T) and z2 = g(f(v2')): the
+    # projection head on every pixel of both feature maps (its BatchNorm over all those pixels),
+    # then z1 read at T(p). Off: the head on the N sampled vectors only, looked up before it.
+    # README "Deviations from the reference code".
+    head_on_full_maps: bool = False
     # torchrun only: InfoNCE negatives from every process; SyncBatchNorm (nccl/CUDA only)
     gather_negatives: bool = True
     sync_batchnorm: bool = False

@@ -12,9 +12,12 @@ One step, for a batch x of B slices:
 
 Step 5 differs from the reference, which warps the whole head output g(f(v1)) and then
 samples it: here the backbone features are interpolated at T(p) and the head is applied to
-those N vectors only. At pixel-aligned sources the two agree exactly; elsewhere this one
-interpolates before the (non-linear) head instead of after. It skips running the head and
-the warp on every pixel of every slice, the largest avoidable cost of a step.
+those N vectors only. It skips running the head and the warp on every pixel of every slice,
+the largest avoidable cost of a step. Two things change: off pixel-aligned sources this one
+interpolates before the (non-linear) head instead of after, and in training the head's
+BatchNorm normalises over the N sampled vectors instead of every pixel (in eval mode, at
+pixel-aligned sources, the two agree exactly). ``pretrain.head_on_full_maps`` runs the
+reference's order.
 """
 
 from __future__ import annotations
@@ -102,6 +105,14 @@ def make_views(x: torch.Tensor, cfg: RunConfig, generator: torch.Generator) -> t
     return views, theta, valid
 
 
+def head_on_maps(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The projection head on every pixel of ``features`` (M, D, H, W): (M, d, H, W), a
+    channels_last view. One call over all M H W vectors, so BatchNorm normalises over them all."""
+    M, D, H, W = features.shape
+    z = head(features.permute(0, 2, 3, 1).reshape(M * H * W, D))
+    return z.reshape(M, H, W, -1).permute(0, 3, 1, 2)
+
+
 def pretrain_projections(
     backbone: nn.Module,
     head: nn.Module,
@@ -129,6 +140,14 @@ def pretrain_projections(
     # Both reads index the backbone's outputs themselves (one pass: rows b and B + b) rather than
     # slices of them, so that the gradient reaches the backbone in their memory format (channels_last).
     dtype = loss_dtype(f1.dtype)  # float32, or float64 for a float64 model
+    if cfg.pretrain.head_on_full_maps:  # METHOD step 4 as written: the head first, then the warp
+        with autocast(x.device, amp):  # per pass: with separate passes, head statistics per view too
+            g1 = g2 = head_on_maps(head, f1)
+            if f2 is not f1:
+                g2 = head_on_maps(head, f2)
+        u = sample_at(g1, theta, (b, y, px), dtype=dtype)
+        v = gather_positions(g2, (b + offset, y, px)).to(dtype)
+        return u, v
     u = sample_at(f1, theta, (b, y, px), dtype=dtype)
     v = gather_positions(f2, (b + offset, y, px)).to(dtype)
     with autocast(x.device, amp):
