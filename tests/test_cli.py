@@ -125,7 +125,7 @@ def test_a_study_config_yaml_reruns_the_study(synthetic_root, tmp_path):
     a, b = (json.loads((d / "cells" / "baseline-N1-s0.json").read_text()) for d in (first, again))
     assert (a["patients"], a["steps"]) == (b["patients"], b["steps"])
     # The same cells on the same patients. Their Dice agree to rounding, not always bit for bit:
-    # CI on a 2-core Intel Xeon once read 0.048001 and 0.048030 for the same case (a 3-step model
+    # one CI run read 0.048001 and 0.048030 for the same case (a 3-step model
     # has many near-tied pixels, so one rounding difference flips several).
     for ra, rb in zip(a["rows"], b["rows"], strict=True):
         assert (ra["patient"], ra["phase"]) == (rb["patient"], rb["phase"])
