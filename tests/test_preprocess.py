@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from pix2rep.data.preprocess import (
     PreprocessConfig,
     box_contains_mask,
+    class_argmax,
     crop_with_padding,
     gt_box,
     label_free_box,
@@ -50,6 +51,18 @@ def test_boxes():
     assert box_contains_mask((5, 8, 10, 14), mask) and not box_contains_mask((6, 8, 10, 14), mask)
     # 100 mm at 2 mm x 1 mm pixels: 50 rows x 100 columns, centred to half a pixel.
     assert label_free_box((50.0, 60.0), (2.0, 1.0), 100.0) == (26, 76, 11, 111)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_class_argmax_takes_the_largest_class_and_the_first_on_a_tie(layout):
+    maps = torch.zeros(2, 4, 1, 3)
+    maps[0, :, 0, 0] = torch.tensor([0.1, 0.7, 0.1, 0.1])  # class 1
+    maps[0, :, 0, 1] = torch.tensor([0.2, 0.1, 0.3, 0.4])  # class 3
+    maps[0, :, 0, 2] = torch.tensor([0.1, 0.4, 0.4, 0.1])  # tie of 1 and 2: the first, 1
+    maps[1, :, 0, :] = 0.25  # a four-way tie: 0
+    labels = class_argmax(maps.contiguous(memory_format=layout))
+    assert labels.dtype == np.uint8 and labels.shape == (2, 1, 3)
+    np.testing.assert_array_equal(labels, [[[1, 3, 1]], [[0, 0, 0]]])
 
 
 def test_label_resize_keeps_a_one_pixel_structure():

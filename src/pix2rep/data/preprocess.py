@@ -175,10 +175,20 @@ def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return F.interpolate(probs, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def class_argmax(maps: torch.Tensor) -> np.ndarray:
+    """uint8 ``(Z, h, w)``: the class of largest value in ``(Z, C, h, w)`` maps (the first on a tie).
+
+    Taken in channels-last layout, where the C values of a pixel are adjacent: PyTorch's CPU
+    argmax over the channel axis of a contiguous tensor ran 8x slower (27 against 3.4 ms for
+    10 x 4 x 160 x 160, conversion included), a third of the evaluation of a small model.
+    """
+    return maps.contiguous(memory_format=torch.channels_last).argmax(1).to(torch.uint8).numpy()
+
+
 def resize_labels(labels: np.ndarray, size: tuple[int, int], num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Resize a ``(Z, h, w)`` label stack via one-hot linear interpolation and argmax."""
     onehot = F.one_hot(torch.from_numpy(labels.astype(np.int64)), num_classes).permute(0, 3, 1, 2).float()
-    return resize_probabilities(onehot, size).argmax(1).to(torch.uint8).numpy()
+    return class_argmax(resize_probabilities(onehot, size))
 
 
 def prepare_volume(
@@ -232,7 +242,7 @@ def probabilities_to_canonical(probs: torch.Tensor, prepared: PreparedVolume) ->
     y0, y1, x0, x1 = prepared.box
     if probs.shape[0] != len(prepared.slice_index):
         raise ValueError(f"expected {len(prepared.slice_index)} slices of probabilities, got {probs.shape[0]}")
-    resized = resize_probabilities(probs.float(), (y1 - y0, x1 - x0)).argmax(1).to(torch.uint8).numpy()
+    resized = class_argmax(resize_probabilities(probs.float(), (y1 - y0, x1 - x0)))
     out = np.zeros((Z, H, W), dtype=np.uint8)
     sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, H), max(x0, 0), min(x1, W)
     if sy0 < sy1 and sx0 < sx1:
