@@ -180,7 +180,8 @@ def class_argmax(maps: torch.Tensor) -> np.ndarray:
 
     Taken in channels-last layout, where the C values of a pixel are adjacent: PyTorch's CPU
     argmax over the channel axis of a contiguous tensor ran 8x slower (27 against 3.4 ms for
-    10 x 4 x 160 x 160, conversion included), a third of the evaluation of a small model.
+    10 x 4 x 160 x 160, conversion included): a fifth of the time to evaluate a `tiny` model
+    (profiled, 0.51 of 2.46 s for 16 volumes).
     """
     return maps.contiguous(memory_format=torch.channels_last).argmax(1).to(torch.uint8).numpy()
 
