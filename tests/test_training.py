@@ -190,8 +190,10 @@ def test_downstream_records_the_precision_it_ran_in(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "model.pt")[0]["config"]["bf16"] is False
 
 
-@pytest.mark.parametrize("mode,atol", [("finetune", 1e-3), ("probe", 1e-5), ("random-probe", 1e-5), ("scratch", 1e-4)])
-def test_cells_trained_at_once_are_the_cells_trained_alone(mode, atol):
+@pytest.mark.parametrize("mode,atol,spatial", [("finetune", 1e-3, False), ("probe", 1e-5, False),
+                                               ("random-probe", 1e-5, False), ("scratch", 1e-4, False),
+                                               ("finetune", 1e-3, True)])
+def test_cells_trained_at_once_are_the_cells_trained_alone(mode, atol, spatial):
     """Each cell of train_segmentation_cells starts, draws and steps as train_segmentation with
     its seed. Adam turns the rounding noise of gradients that are zero in exact arithmetic (a
     conv bias before BatchNorm) into steps of up to the rate, so the from-scratch network runs
@@ -201,6 +203,7 @@ def test_cells_trained_at_once_are_the_cells_trained_alone(mode, atol):
     cfg.bf16 = False
     cfg.downstream.mode, cfg.downstream.steps, cfg.downstream.lr_schedule = mode, 4, "cosine"
     cfg.downstream.lr_scratch = 1e-6
+    cfg.downstream.spatial.enabled = spatial  # each cell warps its batches from its own seed too
     state = None
     if mode in ("finetune", "probe"):
         torch.manual_seed(99)

@@ -14,6 +14,7 @@ from pix2rep.transforms import (
     IntensityAugmentConfig,
     SpatialAugmentConfig,
     augment_intensity,
+    augment_spatial,
     bias_field,
     gaussian_blur,
     invert_affine,
@@ -200,6 +201,47 @@ def test_warp_under_bf16_autocast_keeps_dtype():
 def test_valid_mask_matches_warp_mask():
     theta = sample_affine(2, torch.Generator().manual_seed(0), SpatialAugmentConfig())
     assert torch.equal(valid_mask(theta, 16, 12), warp(torch.rand(2, 1, 16, 12), theta)[1])
+
+
+def labeled_batch(batch: int = 3, size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and integer label maps 0..3 (B, 1, size, size)."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(batch, 1, size, size, generator=gen), torch.randint(0, 4, (batch, 1, size, size), generator=gen)
+
+
+@pytest.mark.parametrize("flip_probs, flip", [((1.0, 0.0, 0.0), lambda t: t),
+                                              ((0.0, 1.0, 0.0), lambda t: t.flip(-1)),
+                                              ((0.0, 0.0, 1.0), lambda t: t.flip(-2))])
+def test_augment_spatial_without_rotation_or_zoom_moves_pixels_exactly(flip_probs, flip):
+    # Scale 1 and angle 0 leave only the flip: every output pixel centre samples an input pixel
+    # centre, so images and labels come back exactly, flipped by hand here.
+    x, y = labeled_batch()
+    cfg = SpatialAugmentConfig(rotation_deg=0.0, scale=(1.0, 1.0), flip_probs=flip_probs)
+    warped, labels = augment_spatial(x, y, cfg, torch.Generator().manual_seed(0))
+    assert labels.dtype == y.dtype and warped.dtype == x.dtype
+    assert torch.allclose(warped, flip(x), atol=1e-6)
+    assert torch.equal(labels, flip(y))
+
+
+def test_augment_spatial_keeps_labels_on_their_pixels():
+    # An image that is its own label map (label / 3), warped bilinearly, must round to the
+    # labels warped by nearest neighbour, except on the edges between regions.
+    y = torch.zeros(4, 1, 48, 48, dtype=torch.long)
+    y[:, :, 10:30, 12:36] = 1
+    y[:, :, 16:24, 18:28] = 2
+    y[:, :, 18:22, 21:25] = 3
+    cfg = SpatialAugmentConfig(rotation_deg=30.0, scale=(0.85, 1.15), flip_probs=(1.0, 0.0, 0.0))
+    warped, labels = augment_spatial(y.float() / 3, y, cfg, torch.Generator().manual_seed(3))
+    assert not torch.equal(labels, y)  # it did move them
+    assert set(labels.unique().tolist()) == {0, 1, 2, 3}
+    agree = (torch.round(warped * 3).long() == labels).float().mean().item()
+    assert agree > 0.97, agree
+
+
+def test_augment_spatial_refuses_mismatched_shapes():
+    x, y = labeled_batch()
+    with pytest.raises(ValueError, match=r"expected images \(B, C, H, W\) and masks \(B, 1, H, W\).*\(3, 24, 24\)"):
+        augment_spatial(x, y[:, 0], SpatialAugmentConfig())
 
 
 # ---------------------------------------------------------------- intensity

@@ -39,7 +39,7 @@ from ..models import SegmentationModel, UNet, memory_format, stack_segmentation_
 from ..provenance import versions
 from ..runs import MetricsLog, plot_curves
 from ..runtime import autocast, keep_freed_memory, resolve_device, use_bf16
-from ..transforms import augment_intensity
+from ..transforms import augment_intensity, augment_spatial
 from .distributed import SINGLE, DistContext, barrier, mean_over_ranks, wrap_ddp
 from .step import NonFiniteLoss, optimizer_step
 
@@ -247,6 +247,16 @@ def update_teacher(teacher: nn.Module, student: nn.Module, decay: float) -> None
         p_t.lerp_(p_s, 1.0 - decay)
 
 
+def augment_labeled_batch(x: torch.Tensor, y: torch.Tensor, cfg: RunConfig, gen: torch.Generator):
+    """An annotated batch as training sees it: warped with its labels (``downstream.spatial``,
+    when enabled), then its images' intensities changed (``downstream.augment``)."""
+    if cfg.downstream.spatial.enabled:
+        x, y = augment_spatial(x, y, cfg.downstream.spatial, gen)
+    if cfg.downstream.augment:
+        x = augment_intensity(x, cfg.intensity, gen)
+    return x, y
+
+
 def lr_factor(schedule: str, step: int, steps: int) -> float:
     """The factor on every base learning rate at optimiser step ``step`` (1-based) of ``steps``:
     1 (``constant``) or (1 + cos(pi (step - 1) / steps)) / 2 (``cosine``: 1 at the first step,
@@ -385,8 +395,8 @@ def train_segmentation(
             group["lr"] = base * lr_factor(d.lr_schedule, step, d.steps)
         idx = torch.randint(len(train), (d.batch_size,), generator=pick_gen)
         x, y = train.images[idx].to(device), train.masks[idx, None].to(device)
-        if d.augment and not cached:
-            x = augment_intensity(x, cfg.intensity, gen)
+        if not cached:
+            x, y = augment_labeled_batch(x, y, cfg, gen)
         try:
             terms = train_step(training, optimizer, x, y, step, d.grad_clip, ctx)
         except NonFiniteLoss as exc:
@@ -516,9 +526,9 @@ def train_segmentation_cells(
         xs, ys = [], []
         for train, gen, pick_gen in zip(trains, gens, pick_gens):
             idx = torch.randint(len(train), (d.batch_size,), generator=pick_gen)
-            x = train.images[idx].to(device)
-            xs.append(augment_intensity(x, cfg.intensity, gen) if d.augment else x)
-            ys.append(train.masks[idx, None].to(device))
+            x, y = augment_labeled_batch(train.images[idx].to(device), train.masks[idx, None].to(device), cfg, gen)
+            xs.append(x)
+            ys.append(y)
         try:
             terms = train_step(training, optimizer, torch.cat(xs, 1), torch.cat(ys, 1), step, None)
         except NonFiniteLoss as exc:

@@ -176,13 +176,14 @@ def valid_mask(theta: Tensor, height: int, width: int) -> Tensor:
     return inside[:, None]
 
 
-def warp(x: Tensor, theta: Tensor, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
-    """Warp ``x`` (B, C, H, W) by ``theta``: ``out(p) = x(T(p))``, zero padding, ``align_corners=False``.
+def warp(x: Tensor, theta: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> tuple[Tensor, Tensor]:
+    """Warp ``x`` (B, C, H, W) by ``theta``: ``out(p) = x(T(p))``, ``align_corners=False``.
 
     Returns ``(warped, valid)`` where ``valid`` is the ``(B, 1, H, W)`` bool mask of
-    :func:`valid_mask`. The warp runs in float32 at least (``grid_sample`` wants the grid in the
-    input's dtype, and a bf16 grid would misplace samples by up to ~0.5 %) and is cast back to
-    ``x.dtype``.
+    :func:`valid_mask`. Outside the image ``padding_mode`` applies (``grid_sample``'s "zeros",
+    "border" or "reflection"). The warp runs in float32 at least (``grid_sample`` wants the grid
+    in the input's dtype, and a bf16 grid would misplace samples by up to ~0.5 %) and is cast
+    back to ``x.dtype``.
     """
     if x.ndim != 4 or theta.shape != (x.shape[0], 2, 3):
         raise ValueError(f"expected x (B, C, H, W) and theta (B, 2, 3), got {tuple(x.shape)} and {tuple(theta.shape)}")
@@ -190,8 +191,29 @@ def warp(x: Tensor, theta: Tensor, mode: str = "bilinear") -> tuple[Tensor, Tens
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         grid = F.affine_grid(theta.to(compute_dtype), list(x.shape), align_corners=False)
-        warped = F.grid_sample(x.to(compute_dtype), grid, mode=mode, padding_mode="zeros", align_corners=False)
+        warped = F.grid_sample(x.to(compute_dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=False)
     return warped.to(x.dtype), valid_mask(theta, height, width)
+
+
+def augment_spatial(
+    images: Tensor, masks: Tensor, cfg: SpatialAugmentConfig, generator: Optional[torch.Generator] = None
+) -> tuple[Tensor, Tensor]:
+    """Warp a labeled batch by one random affine per sample (downstream augmentation).
+
+    ``images`` (B, C, H, W) are resampled bilinearly and ``masks`` (B, 1, H, W) of integer
+    labels by nearest neighbour, with the same transform, so every label stays on its pixels.
+    Reflection padding: a rotated crop has no empty corners, whose zeros would be an intensity
+    that never occurs in a scan. Returns new tensors of the inputs' dtypes.
+    """
+    if images.ndim != 4 or masks.ndim != 4 or masks.shape[1] != 1 or images.shape[0] != masks.shape[0] \
+            or images.shape[-2:] != masks.shape[-2:]:
+        raise ValueError(f"expected images (B, C, H, W) and masks (B, 1, H, W) of the same B, H, W, "
+                         f"got {tuple(images.shape)} and {tuple(masks.shape)}")
+    theta = sample_affine(images.shape[0], generator, cfg, device=images.device)
+    warped, _ = warp(images, theta, padding_mode="reflection")
+    # Nearest-neighbour warping of small integers is exact in float32.
+    labels, _ = warp(masks.float(), theta, mode="nearest", padding_mode="reflection")
+    return warped, labels.to(masks.dtype)
 
 
 def sample_at(features: Tensor, theta: Tensor, positions: Positions, dtype: Optional[torch.dtype] = None) -> Tensor:
