@@ -188,11 +188,21 @@ def warp(x: Tensor, theta: Tensor, mode: str = "bilinear", padding_mode: str = "
     if x.ndim != 4 or theta.shape != (x.shape[0], 2, 3):
         raise ValueError(f"expected x (B, C, H, W) and theta (B, 2, 3), got {tuple(x.shape)} and {tuple(theta.shape)}")
     height, width = x.shape[-2:]
+    return _resample(x, _sampling_grid(theta, x), mode, padding_mode), valid_mask(theta, height, width)
+
+
+def _sampling_grid(theta: Tensor, x: Tensor) -> Tensor:
+    """``affine_grid`` of ``theta`` for ``x``'s shape, in float32 at least (see :func:`warp`)."""
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        grid = F.affine_grid(theta.to(compute_dtype), list(x.shape), align_corners=False)
-        warped = F.grid_sample(x.to(compute_dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=False)
-    return warped.to(x.dtype), valid_mask(theta, height, width)
+        return F.affine_grid(theta.to(compute_dtype), list(x.shape), align_corners=False)
+
+
+def _resample(x: Tensor, grid: Tensor, mode: str, padding_mode: str) -> Tensor:
+    """``x`` read at ``grid`` by ``grid_sample`` in the grid's dtype, cast back to ``x.dtype``."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = F.grid_sample(x.to(grid.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    return out.to(x.dtype)
 
 
 def augment_spatial(
@@ -210,9 +220,10 @@ def augment_spatial(
         raise ValueError(f"expected images (B, C, H, W) and masks (B, 1, H, W) of the same B, H, W, "
                          f"got {tuple(images.shape)} and {tuple(masks.shape)}")
     theta = sample_affine(images.shape[0], generator, cfg, device=images.device)
-    warped, _ = warp(images, theta, padding_mode="reflection")
+    grid = _sampling_grid(theta, images)  # one grid for both, and no validity mask: nothing is padded with zeros
+    warped = _resample(images, grid, "bilinear", "reflection")
     # Nearest-neighbour warping of small integers is exact in float32.
-    labels, _ = warp(masks.float(), theta, mode="nearest", padding_mode="reflection")
+    labels = _resample(masks.float(), grid, "nearest", "reflection")
     return warped, labels.to(masks.dtype)
 
 
