@@ -206,7 +206,12 @@ def main(argv=None) -> int:
     try:
         with stop_on_signals():
             try:
-                return COMMANDS[args.command](args) or 0
+                code = COMMANDS[args.command](args) or 0
+                if "torch.distributed" in sys.modules:  # else no process group, and no torch import
+                    from .training.distributed import leave_process_group
+
+                    leave_process_group()
+                return code
             except Exception as exc:
                 # An interrupt that lands inside a C extension's import (matplotlib's, say) comes
                 # back as that import's error, with the KeyboardInterrupt as its cause: still a stop.

@@ -51,6 +51,17 @@ def init_from_env(device: str | None = None) -> DistContext:
     return DistContext(rank=rank, world=world, local_rank=local_rank)
 
 
+def leave_process_group() -> None:
+    """Leave torchrun's process group at the end of a command that succeeded (a no-op without one).
+
+    Exiting without it leaves gloo's worker threads to the interpreter's teardown, which can abort
+    a rank ("terminate called without an active exception", SIGABRT) after its work is done.
+    Not after a failure: destroying the group while other ranks are inside a collective can hang.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def current() -> DistContext:
     """The context of an already-initialised process group (or the single-process one)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
