@@ -151,26 +151,33 @@ def test_a_study_gives_each_n_the_steps_of_steps_by_n_and_the_seeds_of_seeds_by_
     assert "Seeds (draws of annotated patients) per N: N=1: 2, N=2: 1." in report
 
 
-def test_a_study_with_cells_at_once_gives_the_cells_of_one_at_a_time(synthetic_root, tmp_path):
+def test_a_study_with_cells_at_once_or_in_worker_processes_gives_the_cells_of_one_at_a_time(synthetic_root, tmp_path):
     from pix2rep.data.synthetic import write_synthetic_dataset
 
     held_out = write_synthetic_dataset(tmp_path / "eval", n_patients=2, seed=5)
-    cells = {}
-    for at_once in (1, 2):
-        out = tmp_path / f"study{at_once}"
+    cells, reports = {}, {}
+    for way in ("cells_at_once=1", "cells_at_once=2", "workers=2"):
+        out = tmp_path / way.replace("=", "")
         # rate 1e-6: Adam amplifies rounding noise into steps of the rate (tests/test_training.py)
         assert main(["benchmark", "--data", str(synthetic_root), "--eval-data", str(held_out), "--preset", "tiny",
                      "--methods", "baseline", "--n", "1", "--seeds", "0,1,2", "--no-full-pool", "--steps", "3",
-                     "--set", "downstream.lr_scratch=1e-6", "--set", f"study.cells_at_once={at_once}",
+                     "--set", "downstream.lr_scratch=1e-6", "--set", f"study.{way}",
                      "--out", str(out), "--no-progress"]) == 0
-        cells[at_once] = {path.stem: json.loads(path.read_text()) for path in (out / "cells").glob("*.json")}
-    assert sorted(cells[2]) == sorted(cells[1]) == ["baseline-N1-s0", "baseline-N1-s1", "baseline-N1-s2"]
-    assert [cells[2][name].get("trained_with") for name in sorted(cells[2])] == [2, 2, None]  # s2 alone
-    for name, alone in cells[1].items():
-        together = cells[2][name]
-        assert together["patients"] == alone["patients"] and together["steps"] == alone["steps"] == 3
-        for a, b in zip(alone["rows"], together["rows"]):
-            assert a["dice_mean"] == pytest.approx(b["dice_mean"], abs=1e-3)
+        cells[way] = {path.stem: json.loads(path.read_text()) for path in (out / "cells").glob("*.json")}
+        reports[way] = (out / "REPORT.md").read_text()
+    alone_cells = cells["cells_at_once=1"]
+    assert sorted(alone_cells) == ["baseline-N1-s0", "baseline-N1-s1", "baseline-N1-s2"]
+    assert [cells["cells_at_once=2"][name].get("trained_with") for name in sorted(alone_cells)] == [2, 2, None]  # s2 alone
+    assert [cells["workers=2"][name].get("workers") for name in sorted(alone_cells)] == [2, 2, 2]
+    assert "wall time, downstream training (summed over cells, which ran in parallel processes):" in reports["workers=2"]
+    assert "wall time, downstream training:" in reports["cells_at_once=2"]
+    for way in ("cells_at_once=2", "workers=2"):
+        assert sorted(cells[way]) == sorted(alone_cells)
+        for name, alone in alone_cells.items():
+            other = cells[way][name]
+            assert other["patients"] == alone["patients"] and other["steps"] == alone["steps"] == 3
+            for a, b in zip(alone["rows"], other["rows"]):
+                assert a["dice_mean"] == pytest.approx(b["dice_mean"], abs=1e-3)
 
 
 # -- interrupts ------------------------------------------------------------------------------------------

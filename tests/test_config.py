@@ -71,17 +71,19 @@ def test_seeds_by_n_round_trips_and_is_checked(tmp_path):
         preset_config("cpu", study={"seeds_by_n": [[2, 1]]})
 
 
+@pytest.mark.parametrize("key", ["cells_at_once", "workers"])
 @pytest.mark.parametrize("value,message", [
-    (0, "study: cells_at_once must be a whole number >= 1, got 0"),
-    (-1, "study: cells_at_once must be a whole number >= 1, got -1"),
-    (1.5, "study.cells_at_once must be an integer, got 1.5"),
-    ("two", "study.cells_at_once must be an integer, got 'two'"),
+    (0, "study: {key} must be a whole number >= 1, got 0"),
+    (-1, "study: {key} must be a whole number >= 1, got -1"),
+    (1.5, "study.{key} must be an integer, got 1.5"),
+    ("two", "study.{key} must be an integer, got 'two'"),
 ])
-def test_cells_at_once_must_be_a_whole_number_of_at_least_one(value, message):
-    with pytest.raises(ConfigError, match=message):
-        preset_config("cpu", study={"cells_at_once": value})
+def test_cells_at_once_and_workers_must_be_whole_numbers_of_at_least_one(key, value, message):
+    with pytest.raises(ConfigError, match=message.format(key=key)):
+        preset_config("cpu", study={key: value})
 
 
-def test_cells_at_once_round_trips(tmp_path):
-    preset_config("cpu", study={"cells_at_once": 4}).save(tmp_path / "config.yaml")
-    assert RunConfig.load(tmp_path / "config.yaml").study.cells_at_once == 4
+@pytest.mark.parametrize("key", ["cells_at_once", "workers"])
+def test_cells_at_once_and_workers_round_trip(tmp_path, key):
+    preset_config("cpu", study={key: 4}).save(tmp_path / "config.yaml")
+    assert getattr(RunConfig.load(tmp_path / "config.yaml").study, key) == 4

@@ -179,6 +179,49 @@ def test_benchmark_killed_with_sigkill_never_recomputes_a_finished_cell(syntheti
     assert _no_temporary_files(out) == []
 
 
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
+def test_a_study_stopped_with_sigterm_ends_its_worker_processes_and_keeps_their_cells(synthetic_root, tmp_path):
+    from pix2rep.data.synthetic import write_synthetic_dataset
+
+    held_out = write_synthetic_dataset(tmp_path / "eval", n_patients=2, seed=5)
+    out = tmp_path / "study"
+    args = ["benchmark", "--data", str(synthetic_root), "--eval-data", str(held_out), "--preset", "tiny",
+            "--methods", "baseline", "--n", "1,2", "--seeds", "0,1", "--no-full-pool", "--steps", "20",
+            "--set", "study.workers=2", "--out", str(out), "--no-progress"]
+    proc = _cli(args, tmp_path / "cache")
+    _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # the two workers (and multiprocessing's helpers)
+    _wait_for(lambda: len(list((out / "cells").glob("*.json"))) >= 1, proc)
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, log
+    time.sleep(1.0)
+    assert [pid for pid in children if _alive(pid)] == []
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert 1 <= len(finished) < 4
+
+    resumed = _cli(args + ["--resume"], tmp_path / "cache")
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert sorted(cells) == ["baseline-N1-s0.json", "baseline-N1-s1.json", "baseline-N2-s0.json", "baseline-N2-s1.json"]
+    assert all(cells[name] == mtime for name, mtime in finished.items())
+    assert _no_temporary_files(out) == []
+
+
 # -- determinism ----------------------------------------------------------------------------------
 
 TIMING_COLUMNS = {"samples_per_s", "seconds"}

@@ -13,12 +13,16 @@ and nothing else of training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
+import multiprocessing
+import signal
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -141,6 +145,54 @@ def run_cells_at_once(cfg: RunConfig, method: str, n: int, seeds: Sequence[int],
             for seed, (cell_cfg, _), (model, summary) in zip(seeds, configs, trained)]
 
 
+_WORKER: dict = {}  # in a worker process of run_groups: what its cells train from (set by _start_worker)
+
+
+def _start_worker(threads: int, cfg: RunConfig, pool, evaluation, backbones) -> None:
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the study's process, which ends its workers
+    torch.set_num_threads(threads)
+    _WORKER.update(cfg=cfg, pool=pool, evaluation=evaluation, backbones=backbones, progress=False, log=_quiet)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def _run_group(group: list[tuple[str, int, int]], cfg: RunConfig, pool, evaluation, backbones, progress: bool,
+               log: Callable[[str], None]) -> list[dict]:
+    """The cells of one group (one seed, or cells_at_once seeds of one method and N), trained and evaluated."""
+    m, n = group[0][:2]
+    if len(group) == 1:
+        return [run_cell(cfg, m, n, group[0][2], pool, evaluation, backbones, progress=progress, log=log)]
+    return run_cells_at_once(cfg, m, n, [s for _, _, s in group], pool, evaluation, backbones, progress=progress)
+
+
+def _run_group_in_worker(group: list[tuple[str, int, int]]) -> list[dict]:
+    return _run_group(group, **_WORKER)
+
+
+def run_groups(groups: list[list[tuple[str, int, int]]], cfg: RunConfig, pool: Sequence[PreparedPatient],
+               evaluation: Sequence[PreparedPatient], backbones: dict, workers: int, progress: bool,
+               log: Callable[[str], None]) -> Iterator[list[dict]]:
+    """The cells of each group, as the groups finish: in this process one after the other, or
+    in ``workers`` processes (spawned, each with 1/workers of this process's threads), in the
+    order they finish. Closing the iterator (an error, an interrupt) ends the workers at once;
+    what finished was yielded."""
+    if workers == 1 or len(groups) == 1:
+        for group in groups:
+            yield _run_group(group, cfg, pool, evaluation, backbones, progress, log)
+        return
+    import torch
+
+    workers = min(workers, len(groups))
+    threads = max(1, torch.get_num_threads() // workers)
+    with multiprocessing.get_context("spawn").Pool(workers, _start_worker,
+                                                   (threads, cfg, list(pool), list(evaluation), backbones)) as processes:
+        yield from processes.imap_unordered(_run_group_in_worker, groups)  # leaving the block terminates them
+
+
 def _cell_groups(grid: list[tuple[str, int, int]], cells_dir: Path, at_once: int, cfg: RunConfig
                  ) -> list[list[tuple[str, int, int]]]:
     """The grid's missing cells in the order they run: one at a time, or, with ``at_once`` > 1
@@ -254,25 +306,33 @@ def run_study(cfg: RunConfig, data: str | Path, out: str | Path, *, model: Optio
                       f"{cfg.downstream.lr_schedule}, rule {cfg.downstream.stopping}, loss {cfg.downstream.loss}"}
     synthetic = is_synthetic_dataset(data)
     grid_seconds = 0.0
-    for group in [] if report_only else _cell_groups(grid, cells_dir, plan.cells_at_once, cfg):
-        m, n = group[0][:2]
-        kind = METHODS[m][1]
-        if kind is not None and kind not in backbones:
-            backbones[kind] = pretrain_for_study(kind)
-        t0 = time.time()
-        if len(group) == 1:
-            cells = [run_cell(cfg, m, n, group[0][2], pool, evaluation, backbones, progress=progress, log=log)]
-        else:
-            cells = run_cells_at_once(cfg, m, n, [s for _, _, s in group], pool, evaluation, backbones, progress=progress)
+    groups = [] if report_only else _cell_groups(grid, cells_dir, plan.cells_at_once, cfg)
+
+    def record(cells: list[dict]) -> None:
         for cell in cells:
+            m, n = cell["method"], cell["n"]
             cell.update({key: meta[key] for key in ("machine", "torch", "commit")})  # where it ran, for the report
+            if plan.workers > 1:
+                cell["workers"] = plan.workers  # its train_seconds overlap other cells'
             atomic_write_bytes(cells_dir / f"{cell_name(m, n, cell['seed'])}.json", json.dumps(cell).encode())
             log(f"[{grid.index((m, n, cell['seed'])) + 1}/{len(grid)}] {cell_name(m, n, cell['seed'])}: Dice "
                 f"{np.mean([r['dice_mean'] for r in cell['rows']]):.3f} ({cell['train_seconds']:.0f} s training"
                 + (f", {len(cells)} cells at once)" if len(cells) > 1 else ")"))
+
+    # the groups of one pretraining kind are consecutive (the grid is sorted by kind)
+    for kind, kind_groups in itertools.groupby(groups, key=lambda group: METHODS[group[0][0]][1]):
+        if kind is not None and kind not in backbones:
+            backbones[kind] = pretrain_for_study(kind)
+        t0 = time.time()
+        # closed on any exit (an error, an interrupt), which ends the worker processes at once
+        # (a generator left by an exception is otherwise closed only when it is collected)
+        with contextlib.closing(run_groups(list(kind_groups), cfg, pool, evaluation, backbones, plan.workers,
+                                           progress, log)) as finished:
+            for cells in finished:
+                record(cells)
+                stage_seconds["downstream grid (this invocation)"] = grid_seconds + time.time() - t0
+                write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)
         grid_seconds += time.time() - t0
-        stage_seconds["downstream grid (this invocation)"] = grid_seconds
-        write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)
     stage_seconds["downstream grid (this invocation)"] = grid_seconds
     summary = write_report(out, load_cells(cells_dir), {**meta, "stage_seconds": stage_seconds}, synthetic)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, default=str).encode())

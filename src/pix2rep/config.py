@@ -176,6 +176,12 @@ class StudyPlan:
     # (training.downstream.train_segmentation_cells): the same models up to rounding, fewer and
     # larger passes, which is what fills a GPU. Methods it does not cover run one at a time.
     cells_at_once: int = 1
+    # Cells (or groups of cells_at_once) train and are evaluated in this many worker processes at
+    # once, each with an equal share of the CPU threads. The `tiny` network's small convolutions
+    # leave threads idle: on a 2-core AVX2 CPU, two one-thread processes trained 1.42x the slices/s
+    # of one two-thread process at 96 px
+    # (scripts/bench_cells_at_once.py --preset tiny --size 96 --cells 1 --processes 2 --threads 1).
+    workers: int = 1
 
     def __post_init__(self):
         self.methods, self.n, self.seeds = tuple(self.methods), tuple(self.n), tuple(self.seeds)
@@ -194,6 +200,8 @@ class StudyPlan:
         self._check_first_n("seeds_by_n", self.seeds_by_n)
         if not isinstance(self.cells_at_once, int) or self.cells_at_once < 1:
             raise ValueError(f"cells_at_once must be a whole number >= 1, got {self.cells_at_once!r}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a whole number >= 1, got {self.workers!r}")
 
     def _check_first_n(self, name: str, pairs) -> None:
         """Every N of the study must find a listed N not above it."""
@@ -293,11 +301,11 @@ STUDY_PLANS: dict[str, dict] = {
     # its best rate), and the baseline's best rate moved from 1e-3 to 3e-3 (N = 1: 0.48 to 0.54;
     # 1e-2 read 0.56 at N = 1 but 0.53 against 0.65 at N = 2).
     # Four one-shot draws, two at N = 2 and 5; probes on cached features (METHOD's protocol less the
-    # augmentation, many times faster per step). Baseline and fine-tuning train two cells at once: the
-    # `tiny` network leaves a 2-core CPU partly idle, and two grouped cells ran 1.3x the slices/s of
-    # one at 96 px (scripts/bench_cells_at_once.py --preset tiny --size 96 --mode finetune).
+    # augmentation, many times faster per step). Cells run in two worker processes: the `tiny`
+    # network leaves threads idle, and on a 2-core AVX2 CPU two one-thread processes trained 1.42x
+    # the slices/s of one two-thread process (two grouped cells in one process: 1.0x there; README).
     "demo": {"study": {"methods": ("baseline", "pix2rep-lp", "pix2rep-ft"), "n": (1, 2, 5), "seeds": (0, 1, 2, 3),
-                       "seeds_by_n": ((1, 4), (2, 2)), "full_pool": False, "cells_at_once": 2},
+                       "seeds_by_n": ((1, 4), (2, 2)), "full_pool": False, "workers": 2},
              "downstream": {"steps": 150, "lr_backbone": 3e-3, "lr_scratch": 3e-3, "probe_features": "cached",
                             "spatial": {"enabled": True}},
              "preprocess": {"size": 96}, "pretrain": {"epochs": 10}},
