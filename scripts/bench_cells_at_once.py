@@ -64,7 +64,8 @@ def measure(args) -> list[dict]:
         seconds = time.perf_counter() - t0
         per_process = g * args.steps * cfg.downstream.batch_size / seconds
         rows.append({"cells": g, "steps": args.steps, "batch": cfg.downstream.batch_size, "mode": args.mode,
-                     "preset": args.preset, "size": args.size, "channels_last": cfg.channels_last, "bf16": use_bf16(cfg.bf16, device), "seconds": seconds,
+                     "preset": args.preset, "size": args.size, "channels_last": cfg.channels_last,
+                     "bf16": use_bf16(cfg.bf16, device), "seconds": seconds,
                      "slices_per_s_per_cell": per_process / g, "slices_per_s_per_process": per_process})
     return rows
 
