@@ -176,19 +176,18 @@ def valid_mask(theta: Tensor, height: int, width: int) -> Tensor:
     return inside[:, None]
 
 
-def warp(x: Tensor, theta: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> tuple[Tensor, Tensor]:
-    """Warp ``x`` (B, C, H, W) by ``theta``: ``out(p) = x(T(p))``, ``align_corners=False``.
+def warp(x: Tensor, theta: Tensor, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
+    """Warp ``x`` (B, C, H, W) by ``theta``: ``out(p) = x(T(p))``, zero padding, ``align_corners=False``.
 
     Returns ``(warped, valid)`` where ``valid`` is the ``(B, 1, H, W)`` bool mask of
-    :func:`valid_mask`. Outside the image ``padding_mode`` applies (``grid_sample``'s "zeros",
-    "border" or "reflection"). The warp runs in float32 at least (``grid_sample`` wants the grid
-    in the input's dtype, and a bf16 grid would misplace samples by up to ~0.5 %) and is cast
-    back to ``x.dtype``.
+    :func:`valid_mask`. The warp runs in float32 at least (``grid_sample`` wants the grid in the
+    input's dtype, and a bf16 grid would misplace samples by up to ~0.5 %) and is cast back to
+    ``x.dtype``.
     """
     if x.ndim != 4 or theta.shape != (x.shape[0], 2, 3):
         raise ValueError(f"expected x (B, C, H, W) and theta (B, 2, 3), got {tuple(x.shape)} and {tuple(theta.shape)}")
     height, width = x.shape[-2:]
-    return _resample(x, _sampling_grid(theta, x), mode, padding_mode), valid_mask(theta, height, width)
+    return _resample(x, _sampling_grid(theta, x), mode, "zeros"), valid_mask(theta, height, width)
 
 
 def _sampling_grid(theta: Tensor, x: Tensor) -> Tensor:
