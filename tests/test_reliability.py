@@ -191,6 +191,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _finished_cells(study: Path) -> dict[str, int]:
+    """Stored cells (not the temporary files of a write in progress) and their modification times."""
+    return {p.name: p.stat().st_mtime_ns for p in (study / "cells").glob("*.json") if not p.name.startswith(".tmp-")}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
 def test_a_study_stopped_with_sigterm_ends_its_worker_processes_and_keeps_their_cells(synthetic_root, tmp_path):
@@ -203,20 +208,22 @@ def test_a_study_stopped_with_sigterm_ends_its_worker_processes_and_keeps_their_
             "--set", "study.workers=2", "--out", str(out), "--no-progress"]
     proc = _cli(args, tmp_path / "cache")
     _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # the two workers (and multiprocessing's helpers)
-    _wait_for(lambda: len(list((out / "cells").glob("*.json"))) >= 1, proc)
+    _wait_for(lambda: len(_finished_cells(out)) >= 1, proc)
     children = _children(proc.pid)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, log
-    time.sleep(1.0)
-    assert [pid for pid in children if _alive(pid)] == []
-    finished = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    deadline = time.time() + 15.0  # multiprocessing's resource tracker exits after the study's process, on its own
+    while any(_alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in children if _alive(pid)] == [], log
+    finished = _finished_cells(out)
     assert 1 <= len(finished) < 4
 
     resumed = _cli(args + ["--resume"], tmp_path / "cache")
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log
-    cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    cells = _finished_cells(out)
     assert sorted(cells) == ["baseline-N1-s0.json", "baseline-N1-s1.json", "baseline-N2-s0.json", "baseline-N2-s1.json"]
     assert all(cells[name] == mtime for name, mtime in finished.items())
     assert _no_temporary_files(out) == []

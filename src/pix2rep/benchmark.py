@@ -190,7 +190,9 @@ def run_groups(groups: list[list[tuple[str, int, int]]], cfg: RunConfig, pool: S
     threads = max(1, torch.get_num_threads() // workers)
     with multiprocessing.get_context("spawn").Pool(workers, _start_worker,
                                                    (threads, cfg, list(pool), list(evaluation), backbones)) as processes:
-        yield from processes.imap_unordered(_run_group_in_worker, groups)  # leaving the block terminates them
+        yield from processes.imap_unordered(_run_group_in_worker, groups)  # an early exit terminates them
+        processes.close()  # all done: let the workers exit on their own (terminating them could leak a semaphore)
+        processes.join()
 
 
 def _cell_groups(grid: list[tuple[str, int, int]], cells_dir: Path, at_once: int, cfg: RunConfig
